@@ -1,0 +1,203 @@
+"""Running one experiment: seeding, the epoch loop, history, and crash-safe checkpoints.
+
+:func:`fit` is what the CLI and the notebooks call. After every epoch it writes a checkpoint
+(model, optimizer, scheduler, RNG states, history) atomically, so a run killed at any moment
+keeps its last complete epoch and ``fit(..., resume=True)`` continues from there. On the CPU with
+a fixed seed a resumed run reproduces an uninterrupted run's history exactly.
+
+Checkpoints and weights are read with ``torch.load(weights_only=True)``: loading never runs code.
+"""
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import data as data_lib
+import recipe as recipe_lib
+import utils
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file is missing, corrupt, unsafe or belongs to another run."""
+
+
+def pick_device(name="auto"):
+    """``"auto"`` -> CUDA if present, else Apple's MPS, else CPU; any other name is used as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def new_history():
+    """Per-epoch lists, one entry per completed epoch."""
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
+    return {key: [] for key in keys}
+
+
+# --- atomic files -------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``:
+    readers see the old file or the whole new one, never half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_figure(path, fig):
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path):
+    """``torch.load`` that never executes code and turns every failure into :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: corrupt, truncated or unsafe file, refused ({reason})") from None
+
+
+def load_weights(model, path):
+    """Load a ``state_dict`` saved by :func:`fit` (``weights.pt``) or a checkpoint into ``model``."""
+    state = load_torch(path)
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
+    return model
+
+
+# --- seeding and RNG state ----------------------------------------------------------------------
+
+def _rng_state(generator):
+    state = {"cpu": torch.get_rng_state(), "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state, generator):
+    torch.set_rng_state(state["cpu"])
+    generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the experiment -----------------------------------------------------------------------------
+
+def make_loaders(dataset, *, recipe, device, seed):
+    """Training and test loaders over ``dataset`` (as :func:`data.load_cifar10` returns it)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    train_loader = data_lib.DeviceLoader(
+        dataset["train_images"], dataset["train_labels"], batch_size=recipe["batch_size"], train=True,
+        device=device, augment_kwargs=recipe_lib.augment_kwargs(recipe), generator=generator)
+    # Evaluation has no backward pass, so it can take large batches.
+    test_loader = data_lib.DeviceLoader(dataset["test_images"], dataset["test_labels"],
+                                        batch_size=2000, device=device)
+    return train_loader, test_loader
+
+
+def _checkpoint(*, model, optimizer, scheduler, generator, history, config):
+    return {"format": CHECKPOINT_FORMAT, "config": config, "epoch": len(history["test_acc"]),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), "history": history}
+
+
+def _check_resumable(state, path, config):
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this package")
+    theirs = state["config"]
+    for key in ("norm", "seed", "batch_size", "epochs"):
+        if theirs.get(key) != config.get(key):
+            raise CheckpointError(f"{path}: checkpoint is from another run ({key}={theirs.get(key)!r}, "
+                                  f"this run has {key}={config.get(key)!r})")
+
+
+def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_path=None,
+        resume=False, progress=True, log=print):
+    """Train ``model`` for ``recipe["epochs"]`` epochs, testing after each; return the history.
+
+    ``norm`` names the variant (stored in the checkpoint, so a resume cannot mix variants).
+    With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
+    continues from it. ``log`` receives one line per epoch.
+    """
+    recipe = recipe or recipe_lib.recipe_for(norm)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
+    model.to(device)
+    train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
+    optimizer = recipe_lib.make_optimizer(model, recipe)
+    scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    config = {"norm": norm, "seed": seed, "batch_size": recipe["batch_size"],
+              "epochs": recipe["epochs"], "recipe": recipe}
+    history = new_history()
+
+    if resume:
+        state = load_torch(checkpoint_path)
+        _check_resumable(state, checkpoint_path, config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], train_loader.generator)
+        history = state["history"]
+        log(f"{norm}: resumed from {checkpoint_path} after epoch {state['epoch']}")
+
+    for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            train_loss, train_acc = utils.train(model, device, train_loader, optimizer, criterion,
+                                                scheduler, progress=progress, desc=f"{norm} epoch {epoch}")
+        except utils.NonFiniteLossError as err:
+            raise utils.NonFiniteLossError(err.batch, epoch) from None
+        test_loss, test_acc = utils.test(model, device, test_loader, criterion)
+        seconds = time.perf_counter() - start
+        for key, value in zip(new_history(), (train_loss, train_acc, test_loss, test_acc, float(lr), seconds)):
+            history[key].append(value)
+        if checkpoint_path is not None:
+            save_torch(checkpoint_path, _checkpoint(model=model, optimizer=optimizer, scheduler=scheduler,
+                                                    generator=train_loader.generator, history=history,
+                                                    config=config))
+        log(f"{norm} epoch {epoch:2d}/{recipe['epochs']}  train loss {train_loss:.4f} acc {train_acc:5.2f}%  "
+            f"test loss {test_loss:.4f} acc {test_acc:5.2f}%  ({seconds:.2f} s)")
+    return history

@@ -1,0 +1,84 @@
+"""The one network of this study, parametrized by its normalization layer.
+
+A 48,736-parameter CNN for 32x32 CIFAR-10 images (the seed's architecture, layer for layer):
+
+    C1  3->32 3x3 | C2 32->32 3x3, residual x + C2(x) | c3 1x1 32->16 | MaxPool 2   (32 -> 16)
+    C4 16->32 3x3 | C5 32->32 3x3, residual x + C5(x) | c6 1x1 32->16 | MaxPool 2   (16 -> 8)
+    C7 16->32 3x3 | C8 32->32 3x3 pad 0 (8 -> 6) | C9 32->32 3x3 pad 0 (6 -> 4)
+    AvgPool 4 (global average) | c10 1x1 32->10 -> logits
+
+Every 3x3 block is Conv(bias=False) -> ReLU -> Norm -> Dropout, as in the seed. The norm is one
+of ``"bn"`` (BatchNorm2d), ``"ln"`` (GroupNorm with one group: each image normalized over C, H
+and W) and ``"gn"`` (GroupNorm with ``groups`` groups). ``model_bn``, ``model_ln`` and
+``model_gn`` are named variants of :class:`CifarNet`.
+
+The forward pass returns raw logits; pair it with ``nn.CrossEntropyLoss``.
+"""
+from torch import nn
+
+NORMS = ("bn", "ln", "gn")
+
+
+def make_norm(norm, channels, *, groups=2, bn_momentum=0.1):
+    """Return the normalization layer for ``channels`` feature maps.
+
+    ``groups`` only matters for ``"gn"``; ``bn_momentum`` only for ``"bn"``.
+    """
+    if norm == "bn":
+        return nn.BatchNorm2d(channels, momentum=bn_momentum)
+    if norm == "ln":
+        # LayerNorm over (C, H, W) of each image == GroupNorm with a single group; it keeps a
+        # per-channel affine transform (64 parameters), which nn.LayerNorm over (C, H, W) would not.
+        return nn.GroupNorm(1, channels)
+    if norm == "gn":
+        if not isinstance(groups, int) or groups < 1 or channels % groups:
+            raise ValueError(
+                f"GroupNorm groups={groups!r} must be a positive integer that divides the "
+                f"{channels} channels of each normalized layer (try 1, 2, 4, 8, 16 or 32)")
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+def conv_block(c_in, c_out, *, padding=1, norm, groups, dropout, bn_momentum):
+    """Conv 3x3 (no bias) -> ReLU -> Norm -> Dropout, the seed's block order."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=padding, bias=False),
+        nn.ReLU(),
+        make_norm(norm, c_out, groups=groups, bn_momentum=bn_momentum),
+        nn.Dropout(dropout),
+    )
+
+
+class CifarNet(nn.Module):
+    """The seed's CNN with the normalization layer chosen by ``norm`` (see module docstring)."""
+
+    def __init__(self, norm="bn", *, groups=2, dropout=0.0, bn_momentum=0.1):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        self.norm = norm
+        block = dict(norm=norm, groups=groups, dropout=dropout, bn_momentum=bn_momentum)
+        self.c1 = conv_block(3, 32, **block)
+        self.c2 = conv_block(32, 32, **block)
+        self.c3 = nn.Conv2d(32, 16, kernel_size=1, bias=False)
+        self.pool1 = nn.MaxPool2d(2)
+        self.c4 = conv_block(16, 32, **block)
+        self.c5 = conv_block(32, 32, **block)
+        self.c6 = nn.Conv2d(32, 16, kernel_size=1, bias=False)
+        self.pool2 = nn.MaxPool2d(2)
+        self.c7 = conv_block(16, 32, **block)
+        self.c8 = conv_block(32, 32, padding=0, **block)
+        self.c9 = conv_block(32, 32, padding=0, **block)
+        self.gap = nn.AvgPool2d(4)
+        self.c10 = nn.Conv2d(32, 10, kernel_size=1, bias=False)
+
+    def forward(self, x):
+        x = self.c1(x)
+        x = x + self.c2(x)
+        x = self.pool1(self.c3(x))
+        x = self.c4(x)
+        x = x + self.c5(x)
+        x = self.pool2(self.c6(x))
+        x = self.c9(self.c8(self.c7(x)))
+        x = self.c10(self.gap(x))
+        return x.flatten(1)
