@@ -18,6 +18,7 @@ from torch import nn
 
 import data as data_lib
 import recipe as recipe_lib
+import steps
 import utils
 
 CHECKPOINT_FORMAT = 1
@@ -36,6 +37,34 @@ def pick_device(name="auto"):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_runtime(device):
+    """How to run (not what to compute): mixed precision, CUDA graphs, memory layout, autotuning.
+
+    On CUDA: bf16 autocast and the whole step replayed as a CUDA graph; elsewhere plain fp32.
+    cuDNN autotuning stays off: it costs seconds on the first epoch and found nothing faster
+    here (benchmarks/NOTES.md).
+    """
+    cuda = torch.device(device).type == "cuda"
+    return {"amp": "bf16" if cuda else None, "cuda_graph": cuda, "channels_last": cuda,
+            "cudnn_benchmark": False}
+
+
+def make_step(model, optimizer, criterion, runtime):
+    """The training step that ``runtime`` asks for (see :mod:`steps`)."""
+    kind = steps.CudaGraphStep if runtime["cuda_graph"] else steps.EagerStep
+    return kind(model, optimizer, criterion, amp_dtype=AMP_DTYPES[runtime["amp"]],
+                channels_last=runtime["channels_last"])
+
+
+def _lr_as_device_tensor(optimizer, device):
+    # A CUDA graph reads the learning rate from a fixed tensor; the scheduler fills it in place.
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 
 def new_history():
@@ -151,19 +180,20 @@ def _check_resumable(state, path, config):
 
 
 def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_path=None,
-        resume=False, progress=True, log=print):
+        resume=False, progress=True, log=print, runtime=None):
     """Train ``model`` for ``recipe["epochs"]`` epochs, testing after each; return the history.
 
     ``norm`` names the variant (stored in the checkpoint, so a resume cannot mix variants).
+    ``runtime`` overrides entries of :func:`default_runtime`.
     With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
     continues from it. ``log`` receives one line per epoch.
     """
     recipe = recipe or recipe_lib.recipe_for(norm)
     device = torch.device(device)
+    runtime = {**default_runtime(device), **(runtime or {})}
     torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
-    model.to(device)
+    torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
+    model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
     train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
     optimizer = recipe_lib.make_optimizer(model, recipe)
     scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
@@ -181,16 +211,20 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
         _set_rng_state(state["rng"], train_loader.generator)
         history = state["history"]
         log(f"{norm}: resumed from {checkpoint_path} after epoch {state['epoch']}")
+    if runtime["cuda_graph"]:
+        _lr_as_device_tensor(optimizer, device)
+    step = make_step(model, optimizer, criterion, runtime)
+    amp_dtype = AMP_DTYPES[runtime["amp"]]
 
     for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         try:
             train_loss, train_acc = utils.train(model, device, train_loader, optimizer, criterion,
-                                                scheduler, progress=progress, desc=f"{norm} epoch {epoch}")
+                                                scheduler, progress=progress, desc=f"{norm} epoch {epoch}", step=step)
         except utils.NonFiniteLossError as err:
             raise utils.NonFiniteLossError(err.batch, epoch) from None
-        test_loss, test_acc = utils.test(model, device, test_loader, criterion)
+        test_loss, test_acc = utils.test(model, device, test_loader, criterion, amp_dtype=amp_dtype)
         seconds = time.perf_counter() - start
         for key, value in zip(new_history(), (train_loss, train_acc, test_loss, test_acc, float(lr), seconds)):
             history[key].append(value)

@@ -69,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
     p.add_argument("--smoke", "--dry-run", action="store_true",
                    help="quick run on small synthetic data (1 epoch unless --epochs)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs, no bf16: plain fp32 steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -81,6 +82,10 @@ def recipe_from_args(norm, args):
     if args.smoke and args.epochs is None:
         overrides["epochs"] = 1
     return recipe_lib.recipe_for(norm, **overrides)
+
+
+def runtime_from_args(args):
+    return {"cuda_graph": False, "amp": None, "channels_last": False} if args.eager else None
 
 
 def build_model(norm, recipe):
@@ -110,7 +115,7 @@ def run_one(norm, seed, *, args, dataset, device, out):
     checkpoint = run_dir / "checkpoint.pt"
     history = engine.fit(model, dataset, norm=norm, recipe=recipe, device=device, seed=seed,
                          checkpoint_path=checkpoint, resume=args.resume and checkpoint.exists(),
-                         progress=not args.quiet)
+                         progress=not args.quiet, runtime=runtime_from_args(args))
     _, test_loader = engine.make_loaders(dataset, recipe=recipe, device=device, seed=seed)
     criterion = torch.nn.CrossEntropyLoss()
     record = {"norm": norm, "seed": seed, "device": device_name(device),

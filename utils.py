@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
+import steps
+
 REFRESH_SECONDS = 0.5  # how often the progress bar's loss/accuracy is read back from the device
 
 
@@ -25,23 +27,22 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(f"loss is NaN or infinite at {where}; lower the learning rate")
 
 
-def _correct(pPrediction, pLabels):
-    return (pPrediction.argmax(dim=1) == pLabels).sum()
-
-
 def GetCorrectPredCount(pPrediction, pLabels):
     """Number of rows of ``pPrediction`` (N, classes) whose arg-max equals ``pLabels`` (N,)."""
-    return int(_correct(pPrediction, pLabels))
+    return int(steps.correct_count(pPrediction, pLabels))
 
 
 def train(model, device, train_loader, optimizer, criterion, scheduler=None, *, progress=True,
-          desc="train"):
+          desc="train", step=None):
     """One epoch of training; steps ``scheduler`` after every batch when given.
+
+    ``step`` runs one optimizer step (see :mod:`steps`); by default the plain eager one.
 
     Returns ``(mean loss, accuracy in %)`` over the epoch's images. Raises
     :class:`NonFiniteLossError` naming the first batch whose loss was NaN or infinite.
     """
     model.train()
+    step = step or steps.EagerStep(model, optimizer, criterion)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -49,17 +50,12 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, *, 
     bar = tqdm(train_loader, desc=desc, leave=False, disable=not progress)
     for batch, (images, labels) in enumerate(bar):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        output = model(images)
-        loss = criterion(output, labels)
-        loss.backward()
-        optimizer.step()
+        loss, batch_correct = step(images, labels)
         if scheduler is not None:
             scheduler.step()
-        loss = loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batch, first_bad)
         loss_sum += loss * len(labels)
-        correct += _correct(output.detach(), labels)
+        correct += batch_correct
         seen += len(labels)
         if progress and time.monotonic() - last_refresh > REFRESH_SECONDS:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
@@ -70,25 +66,26 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, *, 
 
 
 @torch.no_grad()
-def predict(model, device, loader, *, tta_flip=False):
+def predict(model, device, loader, *, tta_flip=False, amp_dtype=None):
     """Logits for every image of ``loader`` (in order), averaged with the mirrored image's
     logits when ``tta_flip``; returns ``(logits, labels)`` on ``device``."""
     model.eval()
     outputs, targets = [], []
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
-        logits = model(images)
-        if tta_flip:
-            logits = (logits + model(images.flip(3))) / 2
+        with steps.autocast(torch.device(device).type, amp_dtype):
+            logits = model(images).float()
+            if tta_flip:
+                logits = (logits + model(images.flip(3)).float()) / 2
         outputs.append(logits)
         targets.append(labels.to(device, non_blocking=True))
     return torch.cat(outputs), torch.cat(targets)
 
 
-def test(model, device, test_loader, criterion, *, tta_flip=False):
+def test(model, device, test_loader, criterion, *, tta_flip=False, amp_dtype=None):
     """Evaluate on ``test_loader``; returns ``(mean loss, accuracy in %)``."""
-    logits, labels = predict(model, device, test_loader, tta_flip=tta_flip)
-    loss = criterion(logits.float(), labels).item()
+    logits, labels = predict(model, device, test_loader, tta_flip=tta_flip, amp_dtype=amp_dtype)
+    loss = criterion(logits, labels).item()
     return loss, 100.0 * GetCorrectPredCount(logits, labels) / len(labels)
 
 
