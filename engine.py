@@ -42,15 +42,16 @@ def pick_device(name="auto"):
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def default_runtime(device):
+def default_runtime(device, norm):
     """How to run (not what to compute): mixed precision, CUDA graphs, memory layout, autotuning.
 
-    On CUDA: bf16 autocast and the whole step replayed as a CUDA graph; elsewhere plain fp32.
-    cuDNN autotuning stays off: it costs seconds on the first epoch and found nothing faster
-    here (benchmarks/NOTES.md).
+    On CUDA: bf16 autocast and the whole step replayed as a CUDA graph; channels_last for
+    BatchNorm only (CUDA GroupNorm converts channels_last to NCHW and back, which costs more than
+    the faster convolutions gain). cuDNN autotuning stays off: it costs 5-13 s on the first epoch
+    for at most 5 % per epoch (benchmarks/NOTES.md). Elsewhere plain fp32.
     """
     cuda = torch.device(device).type == "cuda"
-    return {"amp": "bf16" if cuda else None, "cuda_graph": cuda, "channels_last": cuda,
+    return {"amp": "bf16" if cuda else None, "cuda_graph": cuda, "channels_last": cuda and norm == "bn",
             "cudnn_benchmark": False}
 
 
@@ -190,9 +191,10 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
     """
     recipe = recipe or recipe_lib.recipe_for(norm)
     device = torch.device(device)
-    runtime = {**default_runtime(device), **(runtime or {})}
+    runtime = {**default_runtime(device, norm), **(runtime or {})}
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
+    recipe_lib.initialize(model, recipe, dataset["train_images"])
     model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
     train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
     optimizer = recipe_lib.make_optimizer(model, recipe)

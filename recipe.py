@@ -19,6 +19,8 @@ RECIPE = dict(
     crop_padding=4,         # pixels of zero padding around random 32x32 crops
     flip=True,              # random horizontal flips
     cutout=0,               # side in pixels of a random zeroed square (0 = off)
+    zero_init_residual=False,  # start the residual branches' norm scales at 0 (branch = identity)
+    whiten_init=False,      # first conv starts as a whitening of 3x3 patches (data-dependent)
 )
 
 # Where one norm is better served by other values, they are listed here (and explained in README).
@@ -53,6 +55,30 @@ def make_scheduler(optimizer, recipe, *, steps_per_epoch):
         pct_start=recipe["pct_start"], div_factor=recipe["div_factor"],
         final_div_factor=recipe["final_div_factor"], anneal_strategy="linear",
         cycle_momentum=False)
+
+
+def whitening_filters(images, *, out_channels=32, eps=5e-4, samples=5000):
+    """3x3 filters that whiten the patches of ``images`` (uint8, N x 3 x H x W): the top
+    ``out_channels / 2`` eigenvectors of the patch covariance, scaled to unit output variance,
+    and their negatives (the ReLU after the first conv would otherwise drop half the signal)."""
+    import data as data_lib
+    x = data_lib.normalize(images[:samples].cpu())
+    patches = torch.nn.functional.unfold(x, kernel_size=3).transpose(1, 2).reshape(-1, 27).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    top = eigenvectors[:, -(out_channels // 2):].T / (eigenvalues[-(out_channels // 2):, None] + eps).sqrt()
+    return torch.cat([top, -top]).view(out_channels, 3, 3, 3).float()
+
+
+def initialize(model, recipe, train_images):
+    """Apply the recipe's initialization choices to a freshly built ``network.CifarNet``."""
+    with torch.no_grad():
+        if recipe["zero_init_residual"]:
+            for block in (model.c2, model.c5):
+                block[2].weight.zero_()
+        if recipe["whiten_init"]:
+            conv = model.c1[0]
+            conv.weight.copy_(whitening_filters(train_images, out_channels=conv.out_channels))
+    return model
 
 
 def augment_kwargs(recipe):

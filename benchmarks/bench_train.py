@@ -72,6 +72,7 @@ def _classic_fit(model, recipe, data_dir, device, seed):
 
 def child(args):
     import torch
+    imported = time.time()
 
     import data as data_lib
     import engine
@@ -87,11 +88,15 @@ def child(args):
     else:
         runtime = dict(json.loads(args.runtime)) if args.runtime else None
         dataset = data_lib.load_cifar10(args.data_dir, download=False)
+        loaded = time.time()
         history = engine.fit(model, dataset, norm=args.norm, recipe=recipe, device=device, seed=args.seed,
                              progress=False, log=lambda line: print(line, file=sys.stderr), runtime=runtime)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    print(json.dumps({"end_time": time.time(), "history": history,
+    phases = {"import_s": imported - args.spawn_time}
+    if args.pipeline != "classic":
+        phases["data_s"] = loaded - imported
+    print(json.dumps({"end_time": time.time(), "history": history, "phases": phases,
                       "device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}))
 
 
@@ -100,9 +105,10 @@ def child(args):
 def run_child(pipeline, norm, args, runtime=None):
     cmd = [sys.executable, __file__, "--child", "--pipeline", pipeline, "--norm", norm,
            "--epochs", str(args.epochs), "--data-dir", args.data_dir, "--device", args.device]
+    start = time.time()
+    cmd += ["--spawn-time", repr(start)]
     if runtime:
         cmd += ["--runtime", json.dumps(runtime)]
-    start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{pipeline}/{norm} failed:\n{done.stderr[-3000:]}")
@@ -112,7 +118,7 @@ def run_child(pipeline, norm, args, runtime=None):
     return {"steady_epoch_s": steady, "first_epoch_s": times[0],
             "run_wall_s": result["end_time"] - start, "images_per_s": 50000 / steady,
             "test_acc_last3_mean": statistics.mean(result["history"]["test_acc"][-3:]),
-            "epoch_seconds": times, "device": result["device"]}
+            "epoch_seconds": times, "device": result["device"], "phases": result["phases"]}
 
 
 def floors(norm, device_name):
@@ -192,6 +198,7 @@ def main():
     p.add_argument("--norm", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runtime", help=argparse.SUPPRESS)
+    p.add_argument("--spawn-time", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)

@@ -12,7 +12,7 @@ import json
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,10 @@ def run(job):
            "--data-dir", args.data_dir, "--no-download", "--out", str(out)]
     for setting in settings:
         cmd += ["--set", setting]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return name, norm, seed, None, ["timed out"]
     if done.returncode:
         return name, norm, seed, None, done.stderr.strip().splitlines()[-1:]
     history = json.loads((out / norm / f"seed{seed}" / "history.json").read_text())["history"]
@@ -42,6 +45,7 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=300, help="seconds per run")
     p.add_argument("--norms", nargs="+", default=["bn", "ln", "gn"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--config", action="append", type=parse_config, required=True)
@@ -49,10 +53,18 @@ def main():
     jobs = [(name, settings, norm, seed, args) for name, settings in args.config
             for norm in args.norms for seed in args.seeds]
     results = {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for name, norm, seed, history, err in pool.map(run, jobs):
-            results.setdefault((name, norm), []).append((seed, history, err))
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in as_completed([pool.submit(run, job) for job in jobs]):
+            name, norm, seed, history, err = future.result()
+            results.setdefault((name, norm), []).append((seed, history, err))
+            acc = statistics.mean(history["test_acc"][-3:]) if history else float("nan")
+            print(f"done {norm} {name} seed {seed}: last3 {acc:.2f} {err or ''}", flush=True)
+            write_table(results, args.out)
+    print((Path(args.out) / "sweep.txt").read_text())
+
+
+def write_table(results, out):
     rows = []
     for (name, norm), runs in results.items():
         last3 = [statistics.mean(h["test_acc"][-3:]) for _, h, _ in runs if h]
@@ -60,12 +72,14 @@ def main():
         rows.append({"config": name, "norm": norm, "last3_mean": statistics.mean(last3) if last3 else None,
                      "per_seed": last3, "train_acc_last": [h["train_acc"][-1] for _, h, _ in runs if h],
                      "errors": errors})
-    (Path(args.out) / "sweep.json").write_text(json.dumps(rows, indent=2))
+    (Path(out) / "sweep.json").write_text(json.dumps(rows, indent=2))
+    lines = []
     for r in sorted(rows, key=lambda r: (r["norm"], -(r["last3_mean"] or 0))):
         per_seed = " ".join(f"{v:.2f}" for v in r["per_seed"])
         train = " ".join(f"{v:.1f}" for v in r["train_acc_last"])
-        print(f"{r['norm']} {r['config']:<24} last3 {r['last3_mean'] or float('nan'):6.2f}  "
-              f"[{per_seed}]  train {train} {r['errors'] or ''}")
+        lines.append(f"{r['norm']} {r['config']:<24} last3 {r['last3_mean'] or float('nan'):6.2f}  "
+                     f"[{per_seed}]  train {train} {r['errors'] or ''}")
+    (Path(out) / "sweep.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

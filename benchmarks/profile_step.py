@@ -1,0 +1,50 @@
+"""Where one training step's GPU time goes: torch.profiler over eager steps, top kernels.
+
+    python benchmarks/profile_step.py --norm bn [--nchw] [--fp32]
+
+Eager steps run the same kernels as the CUDA-graph replay, so their kernel times show what the
+replayed step costs (the graph removes only the launch gaps between them).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import network  # noqa: E402
+import recipe as recipe_lib  # noqa: E402
+import steps  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--norm", default="bn")
+    p.add_argument("--nchw", action="store_true")
+    p.add_argument("--fp32", action="store_true")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    model = network.CifarNet(args.norm).cuda()
+    if not args.nchw:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = recipe_lib.make_optimizer(model, recipe_lib.recipe_for(args.norm))
+    step = steps.EagerStep(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                           amp_dtype=None if args.fp32 else torch.bfloat16, channels_last=not args.nchw)
+    x = torch.randn(512, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (512,), device="cuda")
+    for _ in range(5):
+        step(x, y)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step(x, y)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events) / 10
+    print(f"{args.norm} {'nchw' if args.nchw else 'channels_last'} {'fp32' if args.fp32 else 'bf16'}: "
+          f"GPU time per step {total / 1000:.3f} ms")
+    print(events.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
