@@ -174,7 +174,7 @@ def _check_resumable(state, path, config):
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this package")
     theirs = state["config"]
-    for key in ("norm", "seed", "batch_size", "epochs"):
+    for key in ("norm", "seed", "batch_size", "epochs", "recipe"):
         if theirs.get(key) != config.get(key):
             raise CheckpointError(f"{path}: checkpoint is from another run ({key}={theirs.get(key)!r}, "
                                   f"this run has {key}={config.get(key)!r})")

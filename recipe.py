@@ -37,6 +37,11 @@ def recipe_for(norm, **overrides):
     return {**RECIPE, **NORM_OVERRIDES[norm], **overrides}
 
 
+def model_kwargs(recipe):
+    """The recipe's network settings, as ``network.CifarNet`` and the ``model_*.Net`` take them."""
+    return dict(groups=recipe["gn_groups"], dropout=recipe["dropout"], bn_momentum=recipe["bn_momentum"])
+
+
 def make_optimizer(model, recipe):
     """SGD with Nesterov momentum; weight decay on conv weights (4-D), none on norm parameters."""
     decay = [p for p in model.parameters() if p.ndim > 1]

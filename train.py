@@ -89,8 +89,7 @@ def runtime_from_args(args):
 
 
 def build_model(norm, recipe):
-    return network.CifarNet(norm, groups=recipe["gn_groups"], dropout=recipe["dropout"],
-                            bn_momentum=recipe["bn_momentum"])
+    return network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
 
 
 def _writable_dir(path):
@@ -127,9 +126,8 @@ def run_one(norm, seed, *, args, dataset, device, out):
     title = f"{norm.upper()} seed {seed}"
     engine.save_figure(run_dir / "curves.png", utils.printTrainTest_LossAcc(
         history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
-    index, truth, predicted = utils.find_misclassified(model, device, test_loader)
-    engine.save_figure(run_dir / "misclassified.png", utils.plot_misclassified(
-        dataset["test_images"][index], truth, predicted, dataset["classes"], title=f"{title}: misclassified"))
+    engine.save_figure(run_dir / "misclassified.png", utils.show_misclassified(
+        model, device, dataset, title=f"{title}: misclassified"))
     return record
 
 
@@ -196,10 +194,9 @@ def write_summary(out):
     return table
 
 
-def load_dataset(args, out):
+def load_dataset(args):
     if args.smoke:
-        folder = data_lib.write_synthetic_cifar10(out / "smoke-data", n_train=1024, n_test=256)
-        return data_lib.load_cifar10(folder.parent, download=False)
+        return data_lib.load_synthetic_cifar10()
     return data_lib.load_cifar10(args.data_dir, download=not args.no_download)
 
 
@@ -215,7 +212,7 @@ def main(argv=None):
                                    for n in norms for s in args.seed):
             raise engine.CheckpointError(f"--resume: no checkpoint under {out} for "
                                          f"{', '.join(norms)}, seed(s) {args.seed}")
-        dataset = load_dataset(args, out)
+        dataset = load_dataset(args)
         device = engine.pick_device(args.device)
         print(f"device: {device_name(device)}", flush=True)
         for norm in norms:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
+import data
 import steps
 
 REFRESH_SECONDS = 0.5  # how often the progress bar's loss/accuracy is read back from the device
@@ -153,6 +154,14 @@ def plot_misclassified(images, true_labels, predicted, classes, *, title=None):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def show_misclassified(model, device, dataset, *, n=10, title=None):
+    """The first ``n`` misclassified test images of ``dataset`` (as :func:`data.load_cifar10`
+    returns it) in a 5x2 grid; returns the figure."""
+    loader = data.DeviceLoader(dataset["test_images"], dataset["test_labels"], batch_size=2000, device=device)
+    index, truth, predicted = find_misclassified(model, device, loader, n=n)
+    return plot_misclassified(dataset["test_images"][index], truth, predicted, dataset["classes"], title=title)
 
 
 def plot_comparison(histories, *, title="BatchNorm vs LayerNorm vs GroupNorm"):

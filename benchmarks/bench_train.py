@@ -81,8 +81,7 @@ def child(args):
 
     device = engine.pick_device(args.device)
     recipe = recipe_lib.recipe_for(args.norm, epochs=args.epochs)
-    model = network.CifarNet(args.norm, groups=recipe["gn_groups"], dropout=recipe["dropout"],
-                             bn_momentum=recipe["bn_momentum"])
+    model = network.CifarNet(args.norm, **recipe_lib.model_kwargs(recipe))
     if args.pipeline == "classic":
         history = _classic_fit(model, recipe, args.data_dir, device, args.seed)
     else:
