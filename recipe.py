@@ -62,14 +62,15 @@ def make_scheduler(optimizer, recipe, *, steps_per_epoch):
         cycle_momentum=False)
 
 
-def whitening_filters(images, *, out_channels=32, eps=5e-4, samples=5000):
+def whitening_filters(images, *, out_channels=32, eps=5e-4, samples=2000):
     """3x3 filters that whiten the patches of ``images`` (uint8, N x 3 x H x W): the top
     ``out_channels / 2`` eigenvectors of the patch covariance, scaled to unit output variance,
     and their negatives (the ReLU after the first conv would otherwise drop half the signal)."""
     import data as data_lib
     x = data_lib.normalize(images[:samples].cpu())
-    patches = torch.nn.functional.unfold(x, kernel_size=3).transpose(1, 2).reshape(-1, 27).double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    patches = torch.nn.functional.unfold(x, kernel_size=3).transpose(1, 2).reshape(-1, 27)
+    covariance = (patches.T @ patches).double() / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     top = eigenvectors[:, -(out_channels // 2):].T / (eigenvalues[-(out_channels // 2):, None] + eps).sqrt()
     return torch.cat([top, -top]).view(out_channels, 3, 3, 3).float()
 

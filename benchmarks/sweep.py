@@ -9,6 +9,7 @@ recipe). A small model leaves a big GPU mostly idle, so several runs share it. P
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,8 +31,10 @@ def run(job):
            "--data-dir", args.data_dir, "--no-download", "--out", str(out)]
     for setting in settings:
         cmd += ["--set", setting]
+    # Several runs share the machine: a few CPU threads each instead of all cores each.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return name, norm, seed, None, ["timed out"]
     if done.returncode:
@@ -46,6 +49,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     p.add_argument("--norms", nargs="+", default=["bn", "ln", "gn"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--config", action="append", type=parse_config, required=True)
