@@ -12,19 +12,24 @@ RECIPE = dict(
     final_div_factor=100.0, # final lr = initial lr / final_div_factor
     momentum=0.9,           # SGD Nesterov momentum
     weight_decay=5e-4,      # L2 on conv weights only; norm scales and shifts are not decayed
-    label_smoothing=0.1,    # cross-entropy target smoothing
+    label_smoothing=0.1,    # cross-entropy target smoothing (BatchNorm: 0, see NORM_OVERRIDES)
     dropout=0.0,            # after every norm layer
     bn_momentum=0.1,        # BatchNorm running-statistics update rate
     gn_groups=2,            # groups of the GroupNorm variant (the assignment's)
-    crop_padding=4,         # pixels of zero padding around random 32x32 crops
+    crop_padding=2,         # pixels of zero padding around random 32x32 crops (4 over-regularizes 48k params)
     flip=True,              # random horizontal flips
     cutout=0,               # side in pixels of a random zeroed square (0 = off)
     zero_init_residual=False,  # start the residual branches' norm scales at 0 (branch = identity)
-    whiten_init=False,      # first conv starts as a whitening of 3x3 patches (data-dependent)
+    whiten_init=True,       # first conv starts as a whitening of 3x3 patches (data-dependent)
 )
 
-# Where one norm is better served by other values, they are listed here (and explained in README).
-NORM_OVERRIDES = {"bn": {}, "ln": {}, "gn": {}}
+# Where one norm is better served by other values, they are listed here (benchmarks/RECIPE_SEARCH.md
+# has the runs behind each choice).
+NORM_OVERRIDES = {
+    "bn": {"label_smoothing": 0.0},  # 85.46 vs 85.07 % over 3 seeds; LN lost 2 points without it
+    "ln": {},
+    "gn": {},
+}
 
 
 def recipe_for(norm, **overrides):
