@@ -42,9 +42,10 @@ def _classic_fit(model, recipe, data_dir, device, seed):
                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
     test_tf = transforms.Compose([transforms.ToTensor(), normalize])
     torch.manual_seed(seed)
+    train_set = CIFAR10(data_dir, train=True, transform=train_tf)
+    recipe_lib.initialize(model, recipe, torch.from_numpy(train_set.data).permute(0, 3, 1, 2))
     loader_kw = dict(batch_size=recipe["batch_size"], num_workers=4, pin_memory=True, persistent_workers=True)
-    train_loader = torch.utils.data.DataLoader(CIFAR10(data_dir, train=True, transform=train_tf),
-                                               shuffle=True, **loader_kw)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, **loader_kw)
     test_loader = torch.utils.data.DataLoader(CIFAR10(data_dir, train=False, transform=test_tf), **loader_kw)
     model.to(device)
     optimizer = recipe_lib.make_optimizer(model, recipe)
