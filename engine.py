@@ -136,6 +136,12 @@ def load_weights(model, path):
 
 # --- seeding and RNG state ----------------------------------------------------------------------
 
+def seed_everything(seed):
+    """Seed every generator this package draws from (torch on CPU and CUDA). Call it before
+    building the model, so that its initialization follows the seed too."""
+    torch.manual_seed(seed)
+
+
 def _rng_state(generator):
     state = {"cpu": torch.get_rng_state(), "loader": generator.get_state()}
     if torch.cuda.is_available():
@@ -184,6 +190,8 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
         resume=False, progress=True, log=print, runtime=None):
     """Train ``model`` for ``recipe["epochs"]`` epochs, testing after each; return the history.
 
+    For a reproducible run, call :func:`seed_everything` before building ``model``.
+
     ``norm`` names the variant (stored in the checkpoint, so a resume cannot mix variants).
     ``runtime`` overrides entries of :func:`default_runtime`.
     With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
@@ -192,7 +200,7 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
     recipe = recipe or recipe_lib.recipe_for(norm)
     device = torch.device(device)
     runtime = {**default_runtime(device, norm), **(runtime or {})}
-    torch.manual_seed(seed)
+    seed_everything(seed)
     torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
     recipe_lib.initialize(model, recipe, dataset["train_images"])
     model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)

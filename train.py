@@ -109,6 +109,7 @@ def device_name(device):
 def run_one(norm, seed, *, args, dataset, device, out):
     """Train one variant with one seed and write its artifacts; returns the run record."""
     recipe = recipe_from_args(norm, args)
+    engine.seed_everything(seed)
     model = build_model(norm, recipe)
     run_dir = _writable_dir(out / norm / f"seed{seed}")
     checkpoint = run_dir / "checkpoint.pt"

@@ -87,6 +87,7 @@ def child(args):
 
     device = engine.pick_device(args.device)
     recipe = recipe_lib.recipe_for(args.norm, epochs=args.epochs)
+    engine.seed_everything(args.seed)
     model = network.CifarNet(args.norm, **recipe_lib.model_kwargs(recipe))
     if args.pipeline == "classic":
         history = _classic_fit(model, recipe, args.data_dir, device, args.seed)

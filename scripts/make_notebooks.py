@@ -61,6 +61,7 @@ def cells(norm, module, name, what):
             "dataset = data.load_synthetic_cifar10() if SMOKE else data.load_cifar10(DATA_DIR)\n"
             "print({k: tuple(v.shape) for k, v in dataset.items() if k != 'classes'})"),
         new_code_cell(
+            "engine.seed_everything(SEED)\n"
             "model = Net(**model_kwargs(recipe))\n"
             "summary(model, input_size=(3, 32, 32), device='cpu')"),
         new_markdown_cell("Ten training images as the network sees them: randomly cropped and flipped."),

@@ -1,0 +1,31 @@
+"""Shared fixtures: small synthetic CIFAR-10 folders in the real file format, and no network."""
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures render off-screen
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def no_download(monkeypatch):
+    """Tests never touch the network: any attempt to download the dataset fails loudly."""
+    def refuse(data_dir):
+        raise OSError("network disabled in tests")
+    monkeypatch.setattr(data, "_download", refuse)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    """A data directory holding a small synthetic cifar-10-batches-py/ (500 train, 200 test)."""
+    data.write_synthetic_cifar10(tmp_path, n_train=500, n_test=200)
+    return tmp_path
+
+
+@pytest.fixture
+def dataset(cifar_dir):
+    return data.load_cifar10(cifar_dir, download=False)

@@ -1,0 +1,220 @@
+"""Training on synthetic CIFAR-10 files: loops, learning, determinism, checkpoints and resume."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import data
+import engine
+import network
+import recipe as recipe_lib
+import steps
+import utils
+
+# Small and quick on 2 CPU cores: 500 training images in batches of 50, a few epochs.
+SMALL = dict(epochs=3, batch_size=50, lr=0.05)
+
+
+def small_recipe(norm="bn", **overrides):
+    return recipe_lib.recipe_for(norm, **{**SMALL, **overrides})
+
+
+def fit(dataset, norm="bn", seed=0, **kwargs):
+    recipe = kwargs.pop("recipe", None) or small_recipe(norm)
+    engine.seed_everything(seed)
+    model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
+    history = engine.fit(model, dataset, norm=norm, recipe=recipe, seed=seed, progress=False,
+                         log=lambda line: None, **kwargs)
+    return model, history
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_training_lowers_the_loss(dataset, norm):
+    _, history = fit(dataset, norm)
+    assert len(history["train_loss"]) == 3
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert history["test_loss"][-1] < history["test_loss"][0]
+    assert history["test_acc"][-1] > 30  # synthetic classes are easy; chance is 10 %
+
+
+def test_train_and_test_return_epoch_means(dataset):
+    torch.manual_seed(0)
+    model = network.CifarNet("bn")
+    loader = data.DeviceLoader(dataset["train_images"], dataset["train_labels"], batch_size=100)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    criterion = nn.CrossEntropyLoss()
+    loss, acc = utils.train(model, "cpu", loader, optimizer, criterion, progress=False)
+    assert 0 < loss < 10 and 0 <= acc <= 100
+    test_loss, test_acc = utils.test(model, "cpu", loader, criterion)
+    logits, labels = utils.predict(model, "cpu", loader)
+    assert test_loss == pytest.approx(criterion(logits, labels).item(), rel=1e-5)
+    assert test_acc == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+
+
+def test_scheduler_is_stepped_once_per_batch(dataset):
+    model = network.CifarNet("ln")
+    loader = data.DeviceLoader(dataset["train_images"], dataset["train_labels"], batch_size=100)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    utils.train(model, "cpu", loader, optimizer, nn.CrossEntropyLoss(), scheduler, progress=False)
+    assert scheduler.last_epoch == len(loader) == 5
+
+
+def test_one_small_batch_can_be_overfit():
+    torch.manual_seed(0)
+    images, labels = data.synthetic_images(32, seed=5)
+    x, y = data.normalize(torch.from_numpy(images)), torch.from_numpy(labels).long()
+    x = x + 0.5 * torch.randn_like(x)  # make the task less trivial than the class tints
+    model = network.CifarNet("bn")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = steps.EagerStep(model, optimizer, nn.CrossEntropyLoss())
+    model.train()
+    for _ in range(60):
+        loss, correct = step(x, y)
+    assert loss.item() < 0.05 and correct.item() == 32
+
+
+def test_non_finite_loss_names_the_batch(dataset):
+    model = network.CifarNet("gn")
+    loader = data.DeviceLoader(dataset["train_images"], dataset["train_labels"], batch_size=100)
+    calls = []
+
+    def criterion(output, target):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(output, target)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    with pytest.raises(utils.NonFiniteLossError, match="at batch 2"):
+        utils.train(model, "cpu", loader, torch.optim.SGD(model.parameters(), lr=0.01), criterion,
+                    progress=False)
+
+
+def test_diverging_fit_names_epoch_and_batch_and_keeps_last_good_checkpoint(dataset, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    fit(dataset, recipe=small_recipe(epochs=1), checkpoint_path=path)
+    good = engine.load_torch(path)
+    with pytest.raises(utils.NonFiniteLossError, match=r"epoch 1, batch \d+"):
+        fit(dataset, recipe=small_recipe(lr=1e30, epochs=1), checkpoint_path=tmp_path / "other.pt")
+    assert not (tmp_path / "other.pt").exists()
+    assert engine.load_torch(path)["history"] == good["history"]
+
+
+def test_same_seed_same_history_on_cpu(dataset):
+    recipe = small_recipe(epochs=2, whiten_init=True, cutout=4)
+    _, first = fit(dataset, recipe=recipe, seed=7)
+    _, second = fit(dataset, recipe=recipe, seed=7)
+    _, other = fit(dataset, recipe=recipe, seed=8)
+    drop_times = lambda h: {k: v for k, v in h.items() if k != "epoch_seconds"}  # noqa: E731
+    assert drop_times(first) == drop_times(second)
+    assert drop_times(first) != drop_times(other)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_history(dataset, tmp_path, monkeypatch):
+    """Fault injection: stop a run in the middle of epoch 2, resume it, compare with a clean run."""
+    recipe = small_recipe(epochs=3, dropout=0.05)  # dropout: the CPU RNG state must be restored too
+    _, clean = fit(dataset, norm="gn", recipe=recipe, seed=3)
+
+    path = tmp_path / "ckpt.pt"
+    real_step = steps.EagerStep.__call__
+    count = {"steps": 0}
+
+    def dying_step(self, images, labels):
+        count["steps"] += 1
+        if count["steps"] == 10 + 4:  # epoch 2 (10 batches an epoch), batch 4
+            raise _Interrupt
+        return real_step(self, images, labels)
+
+    monkeypatch.setattr(steps.EagerStep, "__call__", dying_step)
+    with pytest.raises(_Interrupt):
+        fit(dataset, norm="gn", recipe=recipe, seed=3, checkpoint_path=path)
+    monkeypatch.setattr(steps.EagerStep, "__call__", real_step)
+    assert engine.load_torch(path)["epoch"] == 1  # the last complete epoch survived
+
+    model, resumed = fit(dataset, norm="gn", recipe=recipe, seed=3, checkpoint_path=path, resume=True)
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        assert resumed[key] == clean[key], key
+    assert engine.load_torch(path)["epoch"] == 3
+
+
+def test_checkpoint_holds_everything_needed_to_resume(dataset, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model, _ = fit(dataset, recipe=small_recipe(epochs=1), checkpoint_path=path)
+    state = engine.load_torch(path)
+    assert set(state) == {"format", "config", "epoch", "model", "optimizer", "scheduler", "rng", "history"}
+    assert set(state["rng"]) >= {"cpu", "loader"}
+    assert state["config"]["norm"] == "bn" and state["epoch"] == 1
+    fresh = engine.load_weights(network.CifarNet("bn"), path)
+    for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_another_variant_or_recipe(dataset, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    fit(dataset, recipe=small_recipe(epochs=1), checkpoint_path=path)
+    with pytest.raises(engine.CheckpointError, match="another run .*norm='bn'.*norm='gn'"):
+        fit(dataset, norm="gn", recipe=small_recipe("gn", epochs=1), checkpoint_path=path, resume=True)
+    with pytest.raises(engine.CheckpointError, match="another run .*recipe"):
+        fit(dataset, recipe=small_recipe(epochs=1, lr=0.01), checkpoint_path=path, resume=True)
+
+
+def test_resume_without_checkpoint(dataset, tmp_path):
+    with pytest.raises(engine.CheckpointError, match="no such checkpoint"):
+        fit(dataset, checkpoint_path=tmp_path / "missing.pt", resume=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_with_a_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(engine.CheckpointError, match="evil.pt: corrupt, truncated or unsafe file, refused"):
+        engine.load_weights(network.CifarNet("bn"), tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_or_mismatched_weights_are_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    engine.save_torch(path, network.CifarNet("bn").state_dict())
+    with pytest.raises(engine.CheckpointError, match="do not fit this model"):
+        engine.load_weights(network.CifarNet("gn"), path)  # GroupNorm has no running stats
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(engine.CheckpointError, match="corrupt, truncated or unsafe"):
+        engine.load_weights(network.CifarNet("bn"), path)
+
+
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "results.json"
+    engine.write_json(path, {"ok": 1})
+
+    def half_then_die(f):
+        f.write(b'{"half":')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.atomic_write(path, half_then_die)
+    assert path.read_text() == '{\n  "ok": 1\n}\n'
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def test_recipe_rejects_unknown_keys_and_norms():
+    with pytest.raises(ValueError, match="unknown recipe keys: learning_rate"):
+        recipe_lib.recipe_for("bn", learning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown norm"):
+        recipe_lib.recipe_for("xn")
+
+
+def test_whitening_filters_whiten_patches(dataset):
+    filters = recipe_lib.whitening_filters(dataset["train_images"])
+    assert filters.shape == (32, 3, 3, 3)
+    torch.testing.assert_close(filters[16:], -filters[:16])
+    out = nn.functional.conv2d(data.normalize(dataset["train_images"]), filters[:16])
+    variance = out.var(dim=(0, 2, 3))
+    assert ((variance > 0.5) & (variance < 1.5)).all()
