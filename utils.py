@@ -132,12 +132,20 @@ def show_images(images, labels, classes, *, n=10, title=None):
 
 
 def find_misclassified(model, device, loader, *, n=10):
-    """Indices (into the loader's images), true labels and predictions of the first ``n``
-    misclassified images."""
+    """Indices (into the loader's images), true labels and predictions of ``n`` misclassified
+    images: the first mistake of each true class in turn, so the gallery spans the classes even
+    when the test set is stored sorted by class."""
     logits, labels = predict(model, device, loader)
     predicted = logits.argmax(dim=1)
-    wrong = (predicted != labels).nonzero().flatten()[:n]
-    return wrong.cpu(), labels[wrong].cpu(), predicted[wrong].cpu()
+    wrong = (predicted != labels).nonzero().flatten().cpu()
+    wrong_labels = labels.cpu()[wrong]
+    # Rank each mistake within its class (0 = first of its class), then take rank 0s, rank 1s, ...
+    rank = torch.zeros_like(wrong)
+    for label in wrong_labels.unique():
+        members = wrong_labels == label
+        rank[members] = torch.arange(int(members.sum()))
+    chosen = wrong[torch.argsort(rank * len(labels) + wrong)[:n]]
+    return chosen, labels.cpu()[chosen], predicted.cpu()[chosen]
 
 
 def plot_misclassified(images, true_labels, predicted, classes, *, title=None):

@@ -1,0 +1,158 @@
+"""The command line: a smoke run writes every artifact; every bad input is one line and an exit code."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import engine
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(argv, capsys):
+    """``train.main`` in-process: returns (exit code, stdout, stderr)."""
+    try:
+        code = train.main(argv)
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, expected_code, pattern):
+    assert code == expected_code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+
+
+def test_smoke_run_writes_every_artifact(tmp_path, capsys):
+    code, out, _ = run(["--norm", "all", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    for norm in ("bn", "ln", "gn"):
+        run_dir = tmp_path / norm / "seed0"
+        for name in ("history.json", "curves.png", "misclassified.png", "weights.pt", "checkpoint.pt"):
+            assert (run_dir / name).stat().st_size > 0, run_dir / name
+        record = json.loads((run_dir / "history.json").read_text())
+        assert record["params"] == 48_736 and len(record["history"]["test_acc"]) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"bn", "ln", "gn"}
+    assert {"params", "epochs", "batch_size", "seeds", "test_acc_last3_mean", "test_acc_best",
+            "train_acc_last", "seconds_per_epoch", "device", "recipe"} <= set(summary["gn"])
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert "| GroupNorm (2 groups) | 48,736 | 1 |" in (tmp_path / "results.md").read_text()
+    assert "| BatchNorm" in out
+
+
+def test_resume_continues_a_finished_smoke_run(tmp_path, capsys):
+    assert run(["--norm", "ln", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)[0] == 0
+    code, out, _ = run(["--norm", "ln", "--smoke", "--quiet", "--out", str(tmp_path), "--resume"], capsys)
+    assert code == 0 and "resumed from" in out
+
+
+def test_real_process_prints_one_line_not_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--norm", "gn", "--groups", "3",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "train.py: error: GroupNorm groups=3 must be a positive integer that divides the 32 channels "
+        "of each normalized layer (try 1, 2, 4, 8, 16 or 32)"]
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--norm", "xn"], r"argument --norm: invalid choice: 'xn'"),
+    (["--epochs", "0"], r"argument --epochs: 0 must be positive"),
+    (["--batch-size", "-4"], r"argument --batch-size: -4 must be positive"),
+    (["--epochs", "two"], r"'two' is not an integer"),
+    (["--set", "learning_rate=1"], r"expected KEY=VALUE with KEY one of"),
+])
+def test_bad_arguments(argv, pattern, tmp_path, capsys):
+    code, _, err = run(argv + ["--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, 2, pattern)
+
+
+def test_group_count_not_dividing_channels(tmp_path, capsys):
+    code, _, err = run(["--norm", "gn", "--groups", "5", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, 2, r"groups=5 must be .* divides the 32 channels")
+
+
+def test_missing_data_directory_offline(tmp_path, capsys):
+    code, _, err = run(["--norm", "bn", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, 2, r"cifar-10-batches-py not found and the download failed.*copy the")
+
+
+def _corrupt(folder, how):
+    batch = folder / "cifar-10-batches-py" / "data_batch_1"
+    if how == "truncated":
+        batch.write_bytes(batch.read_bytes()[:999])
+    elif how == "shape":
+        batch.write_bytes(pickle.dumps({"data": np.zeros((4, 1024), np.uint8), "labels": [0] * 4}))
+    elif how == "labels":
+        batch.write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 42]}))
+
+
+@pytest.mark.parametrize("how, pattern", [("truncated", "corrupt or truncated"),
+                                          ("shape", r"shape \(N, 3072\)"),
+                                          ("labels", r"labels must lie in 0\.\.9, found 0\.\.42")])
+def test_broken_dataset_files(cifar_dir, tmp_path, capsys, how, pattern):
+    _corrupt(cifar_dir, how)
+    code, _, err = run(["--norm", "bn", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, 2, "data_batch_1: .*" + pattern)
+
+
+def test_output_folder_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run(["--norm", "bn", "--smoke", "--out", str(blocker / "out")], capsys)
+    assert_one_line_error(code, err, 2, r"cannot write to output folder .*file/out")
+
+
+def test_resume_with_no_checkpoint(tmp_path, capsys):
+    code, _, err = run(["--norm", "bn", "--smoke", "--resume", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, 2, r"--resume: no checkpoint under")
+
+
+def test_resume_from_another_variants_checkpoint(tmp_path, capsys):
+    assert run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)[0] == 0
+    (tmp_path / "gn" / "seed0").mkdir(parents=True)
+    (tmp_path / "bn" / "seed0" / "checkpoint.pt").rename(tmp_path / "gn" / "seed0" / "checkpoint.pt")
+    code, _, err = run(["--norm", "gn", "--smoke", "--quiet", "--resume", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, 2, r"checkpoint is from another run \(norm='bn', this run has norm='gn'\)")
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    assert run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)[0] == 0
+    path = tmp_path / "bn" / "seed0" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:2000])
+    code, _, err = run(["--norm", "bn", "--smoke", "--quiet", "--resume", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, 2, r"checkpoint.pt: corrupt, truncated or unsafe file, refused")
+
+
+def test_divergence_exits_non_zero_naming_epoch_and_batch(tmp_path, capsys):
+    code, _, err = run(["--norm", "bn", "--smoke", "--quiet", "--set", "lr=1e30", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, 3, r"diverged: loss is NaN or infinite at epoch 1, batch \d+")
+
+
+def test_ctrl_c_exits_with_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "fit", interrupted)
+    code, _, err = run(["--norm", "bn", "--smoke", "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, 130, r"interrupted; every completed epoch is saved .*--resume")
+
+
+def test_synthetic_data_is_the_real_format(tmp_path):
+    folder = data.write_synthetic_cifar10(tmp_path, n_train=50, n_test=10)
+    with open(folder / "data_batch_1", "rb") as f:
+        record = pickle.load(f, encoding="latin1")
+    assert record["data"].dtype == np.uint8 and record["data"].shape == (10, 3072)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+        "test_batch"]

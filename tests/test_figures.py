@@ -1,0 +1,73 @@
+"""Figures render off-screen (Agg) with the panels and titles a reader expects."""
+import matplotlib
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+import data
+import network
+import utils
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_backend_is_off_screen():
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_loss_and_accuracy_grid():
+    fig = utils.printTrainTest_LossAcc([2.0, 1.5, 1.2], [30, 45, 55], [1.8, 1.4, 1.3], [35, 50, 52], title="BN")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["Training loss", "Test loss", "Training accuracy (%)", "Test accuracy (%)"]
+    assert list(fig.axes[3].lines[0].get_ydata()) == [35, 50, 52]
+    fig.savefig(__import__("io").BytesIO(), format="png")
+
+
+def test_misclassified_gallery_titles_true_and_predicted(dataset):
+    model = network.CifarNet("ln").eval()
+    fig = utils.show_misclassified(model, "cpu", dataset, title="LN")
+    assert len(fig.axes) == 10
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert len(titles) == 10  # an untrained model gets at least 10 of 200 wrong
+    for title in titles:
+        true, predicted = title.split("\n")
+        assert true.removeprefix("true: ") in data.CLASSES
+        assert predicted.removeprefix("predicted: ") in data.CLASSES
+        assert true.removeprefix("true: ") != predicted.removeprefix("predicted: ")
+    # images are shown as stored (uint8, un-normalized)
+    assert fig.axes[0].images[0].get_array().dtype == "uint8"
+
+
+def test_find_misclassified_returns_only_mistakes(dataset):
+    model = network.CifarNet("bn").eval()
+    loader = data.DeviceLoader(dataset["test_images"], dataset["test_labels"], batch_size=64)
+    index, truth, predicted = utils.find_misclassified(model, "cpu", loader, n=10)
+    assert len(index) == 10 and (truth != predicted).all()
+    assert torch.equal(truth, dataset["test_labels"][index])
+
+
+def test_gallery_spans_the_classes_of_a_class_sorted_test_set():
+    labels = torch.arange(10).repeat_interleave(20)  # sorted by class, like the rebuilt test batch
+    images = torch.zeros(200, 3, 32, 32, dtype=torch.uint8)
+    loader = data.DeviceLoader(images, labels, batch_size=64)
+
+    class PredictsZero(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+
+    index, truth, predicted = utils.find_misclassified(PredictsZero(), "cpu", loader, n=10)
+    assert truth.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 1]  # one per wrong class, then round two
+    assert index.tolist() == [20, 40, 60, 80, 100, 120, 140, 160, 180, 21]
+    assert (predicted == 0).all()
+
+
+def test_comparison_and_training_images(dataset):
+    history = {"train_acc": [40, 60], "test_loss": [1.5, 1.1], "test_acc": [45, 62]}
+    fig = utils.plot_comparison({"BN": history, "GN": history})
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2]
+    fig = utils.show_images(dataset["train_images"], dataset["train_labels"], data.CLASSES, n=10)
+    assert sum(1 for ax in fig.axes if ax.images) == 10
