@@ -221,6 +221,12 @@ def normalize(images, *, mean=MEAN, std=STD, dtype=torch.float32):
     return (images.to(dtype) / 255 - mean) / std
 
 
+def test_loader(dataset, *, device="cpu", batch_size=2000):
+    """The test images of ``dataset`` in order, never augmented. Evaluation has no backward
+    pass, so it takes large batches."""
+    return DeviceLoader(dataset["test_images"], dataset["test_labels"], batch_size=batch_size, device=device)
+
+
 class DeviceLoader:
     """Batches of ``(normalized float images, labels)`` from uint8 images held on ``device``.
 

@@ -164,10 +164,7 @@ def make_loaders(dataset, *, recipe, device, seed):
     train_loader = data_lib.DeviceLoader(
         dataset["train_images"], dataset["train_labels"], batch_size=recipe["batch_size"], train=True,
         device=device, augment_kwargs=recipe_lib.augment_kwargs(recipe), generator=generator)
-    # Evaluation has no backward pass, so it can take large batches.
-    test_loader = data_lib.DeviceLoader(dataset["test_images"], dataset["test_labels"],
-                                        batch_size=2000, device=device)
-    return train_loader, test_loader
+    return train_loader, data_lib.test_loader(dataset, device=device)
 
 
 def _checkpoint(*, model, optimizer, scheduler, generator, history, config):
@@ -180,10 +177,15 @@ def _check_resumable(state, path, config):
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this package")
     theirs = state["config"]
-    for key in ("norm", "seed", "batch_size", "epochs", "recipe"):
+    for key in ("norm", "seed", "batch_size", "epochs"):
         if theirs.get(key) != config.get(key):
             raise CheckpointError(f"{path}: checkpoint is from another run ({key}={theirs.get(key)!r}, "
                                   f"this run has {key}={config.get(key)!r})")
+    recipe, their_recipe = config["recipe"], theirs.get("recipe", {})
+    differ = sorted(k for k in recipe.keys() | their_recipe.keys() if recipe.get(k) != their_recipe.get(k))
+    if differ:
+        raise CheckpointError(f"{path}: checkpoint is from another run (its recipe differs in "
+                              + ", ".join(f"{k}: {their_recipe.get(k)!r} vs {recipe.get(k)!r}" for k in differ) + ")")
 
 
 def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_path=None,

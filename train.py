@@ -116,11 +116,11 @@ def run_one(norm, seed, *, args, dataset, device, out):
     history = engine.fit(model, dataset, norm=norm, recipe=recipe, device=device, seed=seed,
                          checkpoint_path=checkpoint, resume=args.resume and checkpoint.exists(),
                          progress=not args.quiet, runtime=runtime_from_args(args))
-    _, test_loader = engine.make_loaders(dataset, recipe=recipe, device=device, seed=seed)
-    criterion = torch.nn.CrossEntropyLoss()
+    test_loader = data_lib.test_loader(dataset, device=device)
+    tta_acc = utils.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
     record = {"norm": norm, "seed": seed, "device": device_name(device),
               "params": sum(p.numel() for p in model.parameters()), "recipe": recipe,
-              "test_acc_tta_flip": utils.test(model, device, test_loader, criterion, tta_flip=True)[1],
+              "test_acc_tta_flip": tta_acc,
               "history": history}
     engine.write_json(run_dir / "history.json", record)
     engine.save_torch(run_dir / "weights.pt", model.state_dict())

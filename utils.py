@@ -109,26 +109,26 @@ def printTrainTest_LossAcc(train_losses, train_acc, test_losses, test_acc, *, ti
     return fig
 
 
-def _show_image(ax, image_uint8, title):
-    ax.imshow(image_uint8.permute(1, 2, 0).cpu().numpy())
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
+def _image_grid(images, titles, *, rows, cols, figsize, title=None):
+    """uint8 ``(3, H, W)`` images shown as stored, one per cell, row by row; empty cells hidden."""
+    fig, axs = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
+    for i, ax in enumerate(axs.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+            ax.set_title(titles[i], fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def show_images(images, labels, classes, *, n=10, title=None):
     """The first ``n`` uint8 images with their class names, in a 2-row grid; returns the figure."""
     n = min(n, len(images))
     cols = -(-n // 2)
-    fig, axs = plt.subplots(2, cols, figsize=(2 * cols, 4.6), squeeze=False)
-    for i, ax in enumerate(axs.flat):
-        if i < n:
-            _show_image(ax, images[i], classes[int(labels[i])])
-        else:
-            ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _image_grid(images[:n], [classes[int(label)] for label in labels[:n]], rows=2, cols=cols,
+                       figsize=(2 * cols, 4.6), title=title)
 
 
 def find_misclassified(model, device, loader, *, n=10):
@@ -151,24 +151,14 @@ def find_misclassified(model, device, loader, *, n=10):
 def plot_misclassified(images, true_labels, predicted, classes, *, title=None):
     """Misclassified uint8 images (as stored, so un-normalized) in a 5x2 grid titled
     ``true / predicted``; returns the figure."""
-    fig, axs = plt.subplots(5, 2, figsize=(5, 13))
-    for i, ax in enumerate(axs.flat):
-        if i < len(images):
-            _show_image(ax, images[i], f"true: {classes[int(true_labels[i])]}\n"
-                                       f"predicted: {classes[int(predicted[i])]}")
-        else:
-            ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    titles = [f"true: {classes[int(t)]}\npredicted: {classes[int(p)]}" for t, p in zip(true_labels, predicted)]
+    return _image_grid(images, titles, rows=5, cols=2, figsize=(5, 13), title=title)
 
 
 def show_misclassified(model, device, dataset, *, n=10, title=None):
-    """The first ``n`` misclassified test images of ``dataset`` (as :func:`data.load_cifar10`
-    returns it) in a 5x2 grid; returns the figure."""
-    loader = data.DeviceLoader(dataset["test_images"], dataset["test_labels"], batch_size=2000, device=device)
-    index, truth, predicted = find_misclassified(model, device, loader, n=n)
+    """``n`` misclassified test images of ``dataset`` (as :func:`data.load_cifar10` returns it,
+    chosen by :func:`find_misclassified`) in a 5x2 grid; returns the figure."""
+    index, truth, predicted = find_misclassified(model, device, data.test_loader(dataset, device=device), n=n)
     return plot_misclassified(dataset["test_images"][index], truth, predicted, dataset["classes"], title=title)
 
 
