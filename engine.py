@@ -230,7 +230,7 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
 
     for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
         start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])  # a tensor under CUDA graphs: read it now
         try:
             train_loss, train_acc = utils.train(model, device, train_loader, optimizer, criterion,
                                                 scheduler, progress=progress, desc=f"{norm} epoch {epoch}", step=step)
@@ -238,7 +238,7 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
             raise utils.NonFiniteLossError(err.batch, epoch) from None
         test_loss, test_acc = utils.test(model, device, test_loader, criterion, amp_dtype=amp_dtype)
         seconds = time.perf_counter() - start
-        for key, value in zip(new_history(), (train_loss, train_acc, test_loss, test_acc, float(lr), seconds)):
+        for key, value in zip(new_history(), (train_loss, train_acc, test_loss, test_acc, lr, seconds)):
             history[key].append(value)
         if checkpoint_path is not None:
             save_torch(checkpoint_path, _checkpoint(model=model, optimizer=optimizer, scheduler=scheduler,

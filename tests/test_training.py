@@ -100,6 +100,19 @@ def test_diverging_fit_names_epoch_and_batch_and_keeps_last_good_checkpoint(data
     assert engine.load_torch(path)["history"] == good["history"]
 
 
+@pytest.mark.parametrize("graph_mode", [False, True])
+def test_history_records_the_learning_rate_at_the_start_of_each_epoch(dataset, monkeypatch, graph_mode):
+    if graph_mode:
+        # CUDA-graph mode keeps the learning rate in a tensor that the scheduler fills in place;
+        # on the CPU, run it with eager steps to check the history reads it at the right time.
+        monkeypatch.setattr(engine, "make_step", lambda model, optimizer, criterion, runtime:
+                            steps.EagerStep(model, optimizer, criterion))
+    recipe = small_recipe(epochs=3)
+    _, history = fit(dataset, recipe=recipe, runtime={"cuda_graph": graph_mode})
+    assert history["lr"][0] == pytest.approx(recipe["lr"] / recipe["div_factor"])
+    assert history["lr"][0] < history["lr"][1] and all(isinstance(lr, float) for lr in history["lr"])
+
+
 def test_same_seed_same_history_on_cpu(dataset):
     recipe = small_recipe(epochs=2, whiten_init=True, cutout=4)
     _, first = fit(dataset, recipe=recipe, seed=7)
