@@ -125,6 +125,20 @@ def load_cifar10(data_dir="./data", *, download=True):
     }
 
 
+def holdout_split(dataset, n, *, seed=0):
+    """A copy of ``dataset`` whose "test" part is ``n`` training images held out (a fixed random
+    choice per ``seed``) and whose training part is the rest: for choosing a recipe without
+    looking at the test set."""
+    total = len(dataset["train_labels"])
+    if not 0 < n < total:
+        raise ValueError(f"holdout={n} must be between 1 and {total - 1} (the training set has {total} images)")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    keep, held = order[:-n].sort().values, order[-n:].sort().values
+    return {**dataset,
+            "train_images": dataset["train_images"][keep], "train_labels": dataset["train_labels"][keep],
+            "test_images": dataset["train_images"][held], "test_labels": dataset["train_labels"][held]}
+
+
 # --- synthetic data in the CIFAR-10 file format -------------------------------------------------
 
 def _write_pickle(path, record):

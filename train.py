@@ -64,6 +64,8 @@ def parse_args(argv=None):
                    help="override a recipe value, e.g. --set lr=0.1 (see recipe.py)")
     p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/")
     p.add_argument("--no-download", action="store_true", help="never download the dataset")
+    p.add_argument("--holdout", type=_positive_int, metavar="N",
+                   help="evaluate on N held-out training images instead of the test set (recipe search)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, cpu, ...")
     p.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
@@ -118,7 +120,8 @@ def run_one(norm, seed, *, args, dataset, device, out):
                          progress=not args.quiet, runtime=runtime_from_args(args))
     test_loader = data_lib.test_loader(dataset, device=device)
     tta_acc = utils.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
-    record = {"norm": norm, "seed": seed, "device": device_name(device),
+    record = {"norm": norm, "seed": seed, "device": device_name(device), "evaluated_on": (
+                  f"{args.holdout} held-out training images" if args.holdout else "test set"),
               "params": sum(p.numel() for p in model.parameters()), "recipe": recipe,
               "test_acc_tta_flip": tta_acc,
               "history": history}
@@ -197,8 +200,10 @@ def write_summary(out):
 
 def load_dataset(args):
     if args.smoke:
-        return data_lib.load_synthetic_cifar10()
-    return data_lib.load_cifar10(args.data_dir, download=not args.no_download)
+        dataset = data_lib.load_synthetic_cifar10()
+    else:
+        dataset = data_lib.load_cifar10(args.data_dir, download=not args.no_download)
+    return data_lib.holdout_split(dataset, args.holdout) if args.holdout else dataset
 
 
 def main(argv=None):

@@ -51,6 +51,13 @@ def test_smoke_run_writes_every_artifact(tmp_path, capsys):
     assert "| BatchNorm" in out
 
 
+def test_holdout_run_is_scored_on_training_images(tmp_path, capsys):
+    code, _, _ = run(["--norm", "ln", "--smoke", "--quiet", "--holdout", "200", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    record = json.loads((tmp_path / "ln" / "seed0" / "history.json").read_text())
+    assert record["evaluated_on"] == "200 held-out training images"
+
+
 def test_resume_continues_a_finished_smoke_run(tmp_path, capsys):
     assert run(["--norm", "ln", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)[0] == 0
     code, out, _ = run(["--norm", "ln", "--smoke", "--quiet", "--out", str(tmp_path), "--resume"], capsys)

@@ -171,3 +171,14 @@ def test_loader_rejects_bad_arguments(dataset):
         data.DeviceLoader(dataset["test_images"], dataset["test_labels"], batch_size=0)
     with pytest.raises(ValueError, match="uint8"):
         data.DeviceLoader(dataset["test_images"].float(), dataset["test_labels"])
+
+
+def test_holdout_split_takes_validation_images_from_the_training_set(dataset):
+    split = data.holdout_split(dataset, 100, seed=0)
+    assert len(split["train_labels"]) == 400 and len(split["test_labels"]) == 100
+    both = torch.cat([split["train_images"], split["test_images"]]).flatten(1)
+    original = dataset["train_images"].flatten(1)
+    assert sorted(map(bytes, both.numpy())) == sorted(map(bytes, original.numpy()))  # a partition
+    assert torch.equal(data.holdout_split(dataset, 100, seed=0)["test_images"], split["test_images"])
+    with pytest.raises(ValueError, match="holdout=500 must be between 1 and 499"):
+        data.holdout_split(dataset, 500)
