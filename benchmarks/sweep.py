@@ -5,8 +5,8 @@
 
 Each ``--config NAME=KEY=VALUE[,KEY=VALUE...]`` is one recipe variant (``NAME=`` alone: the default
 recipe). Runs are scored on 5,000 held-out training images unless ``--holdout 0``, so the test
-set stays out of the search. A few runs share the GPU (more than two slowed each other down). Prints one row per
-(config, norm): mean over seeds of the last-3-epoch test accuracy, and each seed's value.
+set stays out of the search. Two runs share the GPU (more slowed each other down). Prints one
+row per (config, norm): the mean over seeds of the last-3-epoch accuracy, and each seed's value.
 """
 import argparse
 import json
