@@ -6,7 +6,7 @@ of correct predictions as device tensors, so that the caller never has to wait f
 :class:`CudaGraphStep` records forward, backward and ``optimizer.step()`` once per batch size
 (an epoch of 50,000 images at 512 has two: 512 and 336) and then replays the recording: one
 launch per step instead of a few hundred, which is what bounds a network this small. Its
-learning rate must be a tensor (see :func:`recipe.make_optimizer`) so a scheduler can change it
+learning rate must be a tensor (``engine.fit`` makes it one) so that a scheduler can change it
 between replays.
 """
 import contextlib

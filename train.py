@@ -127,12 +127,18 @@ def run_one(norm, seed, *, args, dataset, device, out):
               "history": history}
     engine.write_json(run_dir / "history.json", record)
     engine.save_torch(run_dir / "weights.pt", model.state_dict())
-    title = f"{norm.upper()} seed {seed}"
+    write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
+    return record
+
+
+def write_run_figures(run_dir, record, *, model, device, dataset):
+    """``curves.png`` and ``misclassified.png`` of one run, from its record and trained model."""
+    title = f"{record['norm'].upper()} seed {record['seed']}"
+    history = record["history"]
     engine.save_figure(run_dir / "curves.png", utils.printTrainTest_LossAcc(
         history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
     engine.save_figure(run_dir / "misclassified.png", utils.show_misclassified(
         model, device, dataset, title=f"{title}: misclassified"))
-    return record
 
 
 # --- summary over every run under OUT -----------------------------------------------------------

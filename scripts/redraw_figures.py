@@ -17,7 +17,6 @@ import engine  # noqa: E402
 import network  # noqa: E402
 import recipe as recipe_lib  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 
 
 def main():
@@ -30,12 +29,7 @@ def main():
         record = json.loads(record_path.read_text())
         model = network.CifarNet(record["norm"], **recipe_lib.model_kwargs(record["recipe"]))
         engine.load_weights(model, record_path.parent / "weights.pt")
-        title = f"{record['norm'].upper()} seed {record['seed']}"
-        history = record["history"]
-        engine.save_figure(record_path.parent / "curves.png", utils.printTrainTest_LossAcc(
-            history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
-        engine.save_figure(record_path.parent / "misclassified.png", utils.show_misclassified(
-            model, "cpu", dataset, title=f"{title}: misclassified"))
+        train.write_run_figures(record_path.parent, record, model=model, device="cpu", dataset=dataset)
         print("redrew", record_path.parent)
     print(train.write_summary(Path(args.results)))
 
