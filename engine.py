@@ -177,7 +177,7 @@ def _check_resumable(state, path, config):
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this package")
     theirs = state["config"]
-    for key in ("norm", "seed", "batch_size", "epochs"):
+    for key in ("norm", "seed"):
         if theirs.get(key) != config.get(key):
             raise CheckpointError(f"{path}: checkpoint is from another run ({key}={theirs.get(key)!r}, "
                                   f"this run has {key}={config.get(key)!r})")
@@ -204,14 +204,14 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
     runtime = {**default_runtime(device, norm), **(runtime or {})}
     seed_everything(seed)
     torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
-    recipe_lib.initialize(model, recipe, dataset["train_images"])
+    if not resume:  # a resumed model gets its weights from the checkpoint
+        recipe_lib.initialize(model, recipe, dataset["train_images"])
     model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
     train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
     optimizer = recipe_lib.make_optimizer(model, recipe)
     scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
-    config = {"norm": norm, "seed": seed, "batch_size": recipe["batch_size"],
-              "epochs": recipe["epochs"], "recipe": recipe}
+    config = {"norm": norm, "seed": seed, "recipe": recipe}  # epochs and batch size are in the recipe
     history = new_history()
 
     if resume:
