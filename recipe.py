@@ -58,13 +58,25 @@ def make_optimizer(model, recipe):
     return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True, fused=fused)
 
 
+def one_cycle(step, *, total_steps, pct_start, div_factor, final_div_factor):
+    """The one-cycle learning rate at ``step``, as a fraction of the peak: linear from
+    1/div_factor up to 1 until step ``pct_start * total_steps - 1``, then linear down to
+    1/(div_factor * final_div_factor) at the last step. The same points as PyTorch's linear
+    ``OneCycleLR``, which divides by zero on runs of a few steps (e.g. 2 epochs of 2 batches)."""
+    start, end = 1 / div_factor, 1 / (div_factor * final_div_factor)
+    peak_step, last_step = pct_start * total_steps - 1, total_steps - 1
+    if step <= peak_step:
+        return start + (1 - start) * (step / peak_step if peak_step > 0 else 1.0)
+    # Past the last step (the scheduler's step after the final batch) it stays at the end value.
+    return 1 + (end - 1) * (min(1.0, (step - peak_step) / (last_step - peak_step)) if last_step > peak_step else 1.0)
+
+
 def make_scheduler(optimizer, recipe, *, steps_per_epoch):
-    """One-cycle schedule stepped once per batch: linear warm-up, then linear decay."""
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=recipe["lr"], epochs=recipe["epochs"], steps_per_epoch=steps_per_epoch,
-        pct_start=recipe["pct_start"], div_factor=recipe["div_factor"],
-        final_div_factor=recipe["final_div_factor"], anneal_strategy="linear",
-        cycle_momentum=False)
+    """The one-cycle schedule (:func:`one_cycle`), to be stepped once per batch."""
+    total_steps = recipe["epochs"] * steps_per_epoch
+    shape = dict(total_steps=total_steps, pct_start=recipe["pct_start"], div_factor=recipe["div_factor"],
+                 final_div_factor=recipe["final_div_factor"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: one_cycle(step, **shape))
 
 
 def whitening_filters(images, *, out_channels=32, eps=5e-4, samples=2000):

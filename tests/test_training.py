@@ -217,6 +217,35 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
 
 
+def test_schedule_matches_pytorch_one_cycle_on_the_real_run():
+    recipe = recipe_lib.recipe_for("bn")
+    steps_per_epoch = 98  # 50,000 images at 512
+    ours = recipe_lib.make_scheduler(recipe_lib.make_optimizer(network.CifarNet("bn"), recipe),
+                                     recipe, steps_per_epoch=steps_per_epoch)
+    theirs_optimizer = recipe_lib.make_optimizer(network.CifarNet("bn"), recipe)
+    theirs = torch.optim.lr_scheduler.OneCycleLR(
+        theirs_optimizer, max_lr=recipe["lr"], epochs=recipe["epochs"], steps_per_epoch=steps_per_epoch,
+        pct_start=recipe["pct_start"], div_factor=recipe["div_factor"],
+        final_div_factor=recipe["final_div_factor"], anneal_strategy="linear", cycle_momentum=False)
+    for _ in range(recipe["epochs"] * steps_per_epoch - 1):
+        assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], rel=1e-12, abs=1e-15)
+        ours.optimizer.step(), ours.step(), theirs_optimizer.step(), theirs.step()
+    assert ours.get_last_lr()[0] == pytest.approx(recipe["lr"] / 10 / 100)
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch", [(1, 1), (1, 2), (2, 2), (3, 2), (4, 1)])
+def test_schedule_survives_runs_of_a_few_steps(epochs, steps_per_epoch):
+    recipe = recipe_lib.recipe_for("bn", epochs=epochs)
+    optimizer = recipe_lib.make_optimizer(network.CifarNet("bn"), recipe)
+    scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=steps_per_epoch)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(epochs * steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert all(0 < lr <= recipe["lr"] for lr in lrs)
+
+
 def test_recipe_rejects_unknown_keys_and_norms():
     with pytest.raises(ValueError, match="unknown recipe keys: learning_rate"):
         recipe_lib.recipe_for("bn", learning_rate=0.1)
