@@ -228,10 +228,22 @@ def augment(images, *, crop_padding=4, flip=True, cutout_size=0, generator=None)
     return cutout(images, size=cutout_size, generator=generator)
 
 
+def channel_tensor(values, *, device="cpu", dtype=torch.float32):
+    """Per-channel constants (e.g. :data:`MEAN`) as a ``(1, C, 1, 1)`` tensor on ``device``."""
+    return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
+
+
 def normalize(images, *, mean=MEAN, std=STD, dtype=torch.float32):
-    """uint8 ``(N, 3, H, W)`` -> float, scaled to [0, 1] then standardized per channel."""
-    mean = torch.tensor(mean, device=images.device, dtype=dtype).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device, dtype=dtype).view(1, -1, 1, 1)
+    """uint8 ``(N, 3, H, W)`` -> float, scaled to [0, 1] then standardized per channel.
+
+    ``mean`` and ``std`` may be tuples or :func:`channel_tensor` tensors already on the images'
+    device; loaders pass tensors, because building them from tuples copies them to the GPU
+    and waits for it on every call.
+    """
+    if not torch.is_tensor(mean):
+        mean = channel_tensor(mean, device=images.device, dtype=dtype)
+    if not torch.is_tensor(std):
+        std = channel_tensor(std, device=images.device, dtype=dtype)
     return (images.to(dtype) / 255 - mean) / std
 
 
@@ -264,6 +276,8 @@ class DeviceLoader:
         self.train = train
         self.augment_kwargs = dict(augment_kwargs or {})
         self.generator = generator
+        self.mean = channel_tensor(MEAN, device=self.device)
+        self.std = channel_tensor(STD, device=self.device)
 
     def __len__(self):
         return -(-len(self.images) // self.batch_size)
@@ -280,4 +294,4 @@ class DeviceLoader:
         images, labels = self.epoch_tensors()
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
-            yield normalize(images[start:stop]), labels[start:stop]
+            yield normalize(images[start:stop], mean=self.mean, std=self.std), labels[start:stop]
