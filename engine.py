@@ -42,24 +42,27 @@ def pick_device(name="auto"):
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def default_runtime(device, norm):
-    """How to run (not what to compute): mixed precision, CUDA graphs, memory layout, autotuning.
+def default_runtime(device, norm, *, compile=False):
+    """How to run (not what to compute): mixed precision, CUDA graphs, memory layout, autotuning,
+    compilation.
 
     On CUDA: bf16 autocast and the whole step replayed as a CUDA graph; channels_last for
     BatchNorm only (CUDA GroupNorm converts channels_last to NCHW and back, which costs more than
-    the faster convolutions gain). cuDNN autotuning stays off: it costs 5-13 s on the first epoch
-    for at most 5 % per epoch (benchmarks/NOTES.md). Elsewhere plain fp32.
+    the faster convolutions gain), and for every norm when ``compile`` (torch.compile's own
+    GroupNorm kernels keep channels_last). cuDNN autotuning stays off: it costs 5-13 s on the
+    first epoch for at most 5 % per epoch. Compilation stays off unless asked for: it saves
+    ~0.09 s an epoch but costs 20-35 s on a cold cache (benchmarks/NOTES.md). Elsewhere fp32.
     """
     cuda = torch.device(device).type == "cuda"
-    return {"amp": "bf16" if cuda else None, "cuda_graph": cuda, "channels_last": cuda and norm == "bn",
-            "cudnn_benchmark": False}
+    return {"amp": "bf16" if cuda else None, "cuda_graph": cuda,
+            "channels_last": cuda and (norm == "bn" or compile), "cudnn_benchmark": False, "compile": compile}
 
 
 def make_step(model, optimizer, criterion, runtime):
     """The training step that ``runtime`` asks for (see :mod:`steps`)."""
     kind = steps.CudaGraphStep if runtime["cuda_graph"] else steps.EagerStep
     return kind(model, optimizer, criterion, amp_dtype=AMP_DTYPES[runtime["amp"]],
-                channels_last=runtime["channels_last"])
+                channels_last=runtime["channels_last"], compile=runtime["compile"])
 
 
 def _lr_as_device_tensor(optimizer, device):
@@ -201,7 +204,7 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
     """
     recipe = recipe or recipe_lib.recipe_for(norm)
     device = torch.device(device)
-    runtime = {**default_runtime(device, norm), **(runtime or {})}
+    runtime = {**default_runtime(device, norm, compile=(runtime or {}).get("compile", False)), **(runtime or {})}
     seed_everything(seed)
     torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
     if not resume:  # a resumed model gets its weights from the checkpoint

@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", "--dry-run", action="store_true",
                    help="quick run on small synthetic data (1 epoch unless --epochs)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs, no bf16: plain fp32 steps")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step: faster epochs, 20-35 s of compiling on a cold cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -87,7 +89,9 @@ def recipe_from_args(norm, args):
 
 
 def runtime_from_args(args):
-    return {"cuda_graph": False, "amp": None, "channels_last": False} if args.eager else None
+    if args.eager:
+        return {"cuda_graph": False, "amp": None, "channels_last": False}
+    return {"compile": True} if args.compile else None
 
 
 def build_model(norm, recipe):
@@ -217,6 +221,8 @@ def main(argv=None):
     norms = network.NORMS if args.norm == "all" else (args.norm,)
     out = Path(args.out)
     try:
+        if args.eager and args.compile:
+            raise ValueError("--eager and --compile exclude each other")
         for norm in norms:  # reject bad settings (e.g. groups) before any data is read
             build_model(norm, recipe_from_args(norm, args))
         _writable_dir(out)

@@ -81,6 +81,7 @@ def test_real_process_prints_one_line_not_a_traceback(tmp_path):
     (["--batch-size", "-4"], r"argument --batch-size: -4 must be positive"),
     (["--epochs", "two"], r"'two' is not an integer"),
     (["--set", "learning_rate=1"], r"expected KEY=VALUE with KEY one of"),
+    (["--eager", "--compile", "--smoke"], r"--eager and --compile exclude each other"),
 ])
 def test_bad_arguments(argv, pattern, tmp_path, capsys):
     code, _, err = run(argv + ["--out", str(tmp_path)], capsys)
