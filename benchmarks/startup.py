@@ -1,0 +1,119 @@
+"""Where a run's start-up seconds go: each stage of a run, timed alone, in a fresh process.
+
+    python benchmarks/startup.py --data-dir /root/data --norm bn [--runtime '{"compile": true}']
+
+Runs the stages that ``engine.fit`` goes through before its steady epochs, in order, each ended by
+a device synchronization, and prints one JSON line of seconds per stage:
+
+    python     interpreter start (measured from the parent's clock when spawned by it)
+    torch      ``import torch``
+    project    importing this package (data, engine, network, recipe and what they import)
+    cuda_init  creating the CUDA context
+    data       reading the CIFAR-10 files
+    model      building the model and its whitening initialization (CPU)
+    to_device  model and the uint8 images to the device
+    kernels    first forward + backward of a throw-away copy (loads cuDNN/cuBLAS kernels)
+    step_512   recording (and, with compile, compiling) the step for full batches
+    step_last  the same for the epoch's last, smaller batch
+    epoch_1    the first whole epoch after that (train + test)
+    epoch_2    the second
+"""
+import time
+
+START = time.time()
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def measure(args):
+    stages = {}
+    clock = [START]
+
+    def lap(name, sync=None):
+        if sync:
+            sync()
+        now = time.time()
+        stages[name] = round(now - clock[0], 3)
+        clock[0] = now
+
+    if args.spawn_time:
+        stages["python"] = round(START - args.spawn_time, 3)
+    import torch
+    lap("torch")
+    import data as data_lib
+    import engine
+    import network
+    import recipe as recipe_lib
+    import utils
+    lap("project")
+    device = engine.pick_device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    torch.empty(1, device=device)
+    lap("cuda_init", sync)
+    dataset = data_lib.load_cifar10(args.data_dir, download=False)
+    lap("data")
+    norm = args.norm
+    recipe = recipe_lib.recipe_for(norm)
+    overrides = json.loads(args.runtime or "{}")
+    runtime = {**engine.default_runtime(device, norm, compile=overrides.get("compile", False)), **overrides}
+    engine.seed_everything(0)
+    model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
+    recipe_lib.initialize(model, recipe, dataset["train_images"])
+    lap("model")
+    model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
+    train_loader, test_loader = engine.make_loaders(dataset, recipe=recipe, device=device, seed=0)
+    lap("to_device", sync)
+    images, labels = next(iter(train_loader))
+    scratch = copy.deepcopy(model)
+    with torch.autocast(device.type, dtype=engine.AMP_DTYPES[runtime["amp"]],
+                        enabled=runtime["amp"] is not None):
+        torch.nn.functional.cross_entropy(scratch(images), labels).backward()
+    del scratch
+    lap("kernels", sync)
+    optimizer = recipe_lib.make_optimizer(model, recipe)
+    scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    if runtime["cuda_graph"]:
+        engine._lr_as_device_tensor(optimizer, device)
+    step = engine.make_step(model, optimizer, criterion, runtime)
+    step(images, labels)
+    lap("step_512", sync)
+    last = len(dataset["train_images"]) % recipe["batch_size"]
+    if last:
+        step(images[:last], labels[:last])
+        lap("step_last", sync)
+    for epoch in (1, 2):
+        utils.train(model, device, train_loader, optimizer, criterion, scheduler, progress=False, step=step)
+        _, accuracy = utils.test(model, device, test_loader, criterion, amp_dtype=engine.AMP_DTYPES[runtime["amp"]])
+        lap(f"epoch_{epoch}", sync)
+    stages["total"] = round(time.time() - (args.spawn_time or START), 3)
+    print(json.dumps({"norm": norm, "runtime": runtime, "seconds": stages, "test_acc_epoch_2": accuracy}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--norm", default="bn")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", help="JSON overrides of engine.default_runtime")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--spawn-time", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return measure(args)
+    # A fresh child process, so that the interpreter's own start is counted too.
+    cmd = [sys.executable, __file__, "--child", "--data-dir", args.data_dir, "--norm", args.norm,
+           "--device", args.device, "--spawn-time", repr(time.time())]
+    if args.runtime:
+        cmd += ["--runtime", args.runtime]
+    subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
