@@ -14,9 +14,27 @@ and W) and ``"gn"`` (GroupNorm with ``groups`` groups). ``model_bn``, ``model_ln
 
 The forward pass returns raw logits; pair it with ``nn.CrossEntropyLoss``.
 """
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 NORMS = ("bn", "ln", "gn")
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that under mixed precision runs in the half-precision dtype it is given.
+
+    Autocast would upcast its input to fp32 and return fp32, which the next convolution casts
+    back: two extra passes over every activation, forward and backward. The CUDA kernel already
+    accumulates the statistics in fp32, so only the stored output is rounded, as the convolution
+    would round it anyway. Without autocast (CPU, fp32 runs) it is exactly ``nn.GroupNorm``.
+    """
+
+    def forward(self, x):
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
 
 
 def make_norm(norm, channels, *, groups=2, bn_momentum=0.1):
@@ -29,13 +47,13 @@ def make_norm(norm, channels, *, groups=2, bn_momentum=0.1):
     if norm == "ln":
         # LayerNorm over (C, H, W) of each image == GroupNorm with a single group; it keeps a
         # per-channel affine transform (64 parameters), which nn.LayerNorm over (C, H, W) would not.
-        return nn.GroupNorm(1, channels)
+        return GroupNorm(1, channels)
     if norm == "gn":
         if not isinstance(groups, int) or groups < 1 or channels % groups:
             raise ValueError(
                 f"GroupNorm groups={groups!r} must be a positive integer that divides the "
                 f"{channels} channels of each normalized layer (try 1, 2, 4, 8, 16 or 32)")
-        return nn.GroupNorm(groups, channels)
+        return GroupNorm(groups, channels)
     raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
 
 

@@ -31,8 +31,8 @@ def test_torchsummary_prints_the_seeds_table(norm, capsys):
     assert printed == expected
 
 
-@pytest.mark.parametrize("norm, kind, groups", [("bn", nn.BatchNorm2d, None), ("ln", nn.GroupNorm, 1),
-                                                ("gn", nn.GroupNorm, 2)])
+@pytest.mark.parametrize("norm, kind, groups", [("bn", nn.BatchNorm2d, None), ("ln", network.GroupNorm, 1),
+                                                ("gn", network.GroupNorm, 2)])
 def test_each_variant_holds_its_norm_and_no_other(norm, kind, groups):
     model = VARIANTS[norm].Net()
     norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -93,3 +93,22 @@ def test_get_correct_pred_count_on_hand_made_tensors():
     assert utils.GetCorrectPredCount(logits, torch.tensor([1, 0, 2, 2])) == 3
     assert utils.GetCorrectPredCount(logits, torch.tensor([0, 1, 0, 0])) == 0
     assert isinstance(utils.GetCorrectPredCount(logits, torch.tensor([1, 0, 2, 1])), int)
+
+
+def test_group_norm_under_autocast_stays_in_half_precision_and_matches_fp32():
+    torch.manual_seed(0)
+    norm = network.GroupNorm(2, 32)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(4, 32, 8, 8) * 3 + 1).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16  # nn.GroupNorm under autocast would return fp32
+    reference = nn.GroupNorm(2, 32)
+    reference.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(y.float(), reference(x.detach().float()), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+    # Outside autocast it is nn.GroupNorm exactly.
+    z = torch.randn(2, 32, 4, 4)
+    assert torch.equal(norm(z), reference(z))
