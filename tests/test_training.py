@@ -278,3 +278,22 @@ def test_a_run_imports_neither_dynamo_nor_matplotlib():
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "epoch  1/1" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_compiled_step_compiles_once_and_only_for_the_first_batch_size(monkeypatch):
+    # torch.compile itself is replaced by a recorder: compiling on CI's CPU would take ~35 s.
+    compiled_calls = []
+
+    def fake_compile(model, **options):
+        assert options == {"dynamic": False, "fullgraph": True}
+        return lambda images: compiled_calls.append(len(images)) or model(images)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = network.CifarNet("gn")
+    optimizer = recipe_lib.make_optimizer(model, recipe_lib.recipe_for("gn"))
+    step = steps.EagerStep(model, optimizer, nn.CrossEntropyLoss(), compile=True)
+    images, labels = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    for n in (4, 4, 2, 4):
+        loss, _ = step(images[:n], labels[:n])
+        assert torch.isfinite(loss)
+    assert compiled_calls == [4, 4, 4]  # the batch of 2 ran the plain model
