@@ -8,7 +8,9 @@
     with 4 workers, fp32, the same model, optimizer and one-cycle schedule, eager.
 
 Each run is a fresh child process, so "run wall" counts everything from process start to the
-final metrics (imports, data loading, warm-up, graph recording). Writes ``results.json`` and
+final metrics (imports, data loading, warm-up, graph recording, compilation). With several norms
+the project's pipeline also trains all of them one after another in a single process, as
+``train.py --norm all`` does. Writes ``results.json`` and
 ``results.md`` beside this file (or into --out), with the floors the hardware sets on one step.
 """
 import argparse
@@ -86,23 +88,28 @@ def child(args):
     import recipe as recipe_lib
 
     device = engine.pick_device(args.device)
-    recipe = recipe_lib.recipe_for(args.norm, epochs=args.epochs)
-    engine.seed_everything(args.seed)
-    model = network.CifarNet(args.norm, **recipe_lib.model_kwargs(recipe))
-    if args.pipeline == "classic":
-        history = _classic_fit(model, recipe, args.data_dir, device, args.seed)
-    else:
-        runtime = dict(json.loads(args.runtime)) if args.runtime else None
-        dataset = data_lib.load_cifar10(args.data_dir, download=False)
-        loaded = time.time()
-        history = engine.fit(model, dataset, norm=args.norm, recipe=recipe, device=device, seed=args.seed,
-                             progress=False, log=lambda line: print(line, file=sys.stderr), runtime=runtime)
+    histories = {}
+    runtime = dict(json.loads(args.runtime)) if args.runtime else None
+    dataset = None
+    for norm in args.norm.split(","):  # several norms: one after another in this one process
+        recipe = recipe_lib.recipe_for(norm, epochs=args.epochs)
+        engine.seed_everything(args.seed)
+        model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
+        if args.pipeline == "classic":
+            histories[norm] = _classic_fit(model, recipe, args.data_dir, device, args.seed)
+            continue
+        if dataset is None:
+            dataset = data_lib.load_cifar10(args.data_dir, download=False)
+            loaded = time.time()
+        histories[norm] = engine.fit(model, dataset, norm=norm, recipe=recipe, device=device, seed=args.seed,
+                                     progress=False, log=lambda line: print(line, file=sys.stderr),
+                                     runtime=runtime)
     if device.type == "cuda":
         torch.cuda.synchronize()
     phases = {"import_s": imported - args.spawn_time}
     if args.pipeline != "classic":
         phases["data_s"] = loaded - imported
-    print(json.dumps({"end_time": time.time(), "history": history, "phases": phases,
+    print(json.dumps({"end_time": time.time(), "histories": histories, "phases": phases,
                       "device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}))
 
 
@@ -119,11 +126,16 @@ def run_child(pipeline, norm, args, runtime=None):
     if done.returncode:
         raise SystemExit(f"{pipeline}/{norm} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    times = result["history"]["epoch_seconds"]
+    if "," in norm:  # all variants in one process: its wall time and each variant's accuracy
+        return {"run_wall_s": result["end_time"] - start, "device": result["device"], "phases": result["phases"],
+                "test_acc_last3_mean": {n: statistics.mean(h["test_acc"][-3:])
+                                        for n, h in result["histories"].items()}}
+    history = result["histories"][norm]
+    times = history["epoch_seconds"]
     steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
     return {"steady_epoch_s": steady, "first_epoch_s": times[0],
             "run_wall_s": result["end_time"] - start, "images_per_s": 50000 / steady,
-            "test_acc_last3_mean": statistics.mean(result["history"]["test_acc"][-3:]),
+            "test_acc_last3_mean": statistics.mean(history["test_acc"][-3:]),
             "epoch_seconds": times, "device": result["device"], "phases": result["phases"]}
 
 
@@ -177,7 +189,7 @@ def floors(norm, device_name):
 
 
 def table(results):
-    lines = ["| variant | pipeline | steady s/epoch | first epoch s | 20-epoch run wall s | images/s | "
+    lines = [f"| variant | pipeline | steady s/epoch | first epoch s | {results['epochs']}-epoch run wall s | images/s | "
              "test acc (last 3) | speed-up (b)/(a) |", "|---|---|---|---|---|---|---|---|"]
     for norm, pipelines in results["runs"].items():
         project = pipelines["project"]["steady_epoch_s"]
@@ -186,7 +198,13 @@ def table(results):
             lines.append(f"| {norm} | {name} | {r['steady_epoch_s']:.3f} | {r['first_epoch_s']:.2f} | "
                          f"{r['run_wall_s']:.1f} | {r['images_per_s']:,.0f} | "
                          f"{r['test_acc_last3_mean']:.2f} % | {ratio} |")
-    return "\n".join(lines) + f"\n\nDevice: {results['device']}.\n"
+    text = "\n".join(lines) + "\n"
+    if "all_variants_wall_s" in results:
+        together = results["all_variants_one_process"]
+        text += (f"\nAll variants, {results['epochs']}-epoch runs: {results['all_variants_wall_s']:.1f} s as separate processes, "
+                 f"{together['run_wall_s']:.1f} s one after another in one process (test acc "
+                 + ", ".join(f"{n} {a:.2f} %" for n, a in together["test_acc_last3_mean"].items()) + ").\n")
+    return text + f"\nDevice: {results['device']}.\n"
 
 
 def main():
@@ -218,8 +236,12 @@ def main():
             device = runs[norm][name].pop("device")
             print(norm, name, {k: v for k, v in runs[norm][name].items() if k != "epoch_seconds"}, flush=True)
     results = {"device": device, "epochs": args.epochs, "runs": runs}
-    if "project" in args.pipelines:
+    if "project" in args.pipelines and len(args.norms) > 1:
         results["all_variants_wall_s"] = sum(r["project"]["run_wall_s"] for r in runs.values())
+        together = run_child("project", ",".join(args.norms), args)
+        device = together.pop("device")
+        results["all_variants_one_process"] = together
+        print("all variants in one process", together, flush=True)
     if device and device not in ("cpu", "mps"):
         results["floors"] = {norm: floors(norm, device) for norm in args.norms}
     out = Path(args.out)
