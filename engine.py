@@ -51,10 +51,14 @@ def default_runtime(device, norm, *, compile=False):
     the faster convolutions gain), and for every norm when ``compile`` (torch.compile's own
     GroupNorm kernels keep channels_last). cuDNN autotuning stays off: it costs 5-13 s on the
     first epoch for at most 5 % per epoch. Compilation stays off unless asked for: it saves
-    ~0.09 s an epoch but costs 20-35 s on a cold cache (benchmarks/NOTES.md). Elsewhere fp32.
+    ~0.09 s an epoch but costs 20-35 s on a cold cache (benchmarks/NOTES.md). Elsewhere fp32,
+    and on GPUs older than Ampere (e.g. Colab's T4), whose cuDNN has no bf16 convolutions: PyTorch
+    would fall back to slow generic kernels there.
     """
-    cuda = torch.device(device).type == "cuda"
-    return {"amp": "bf16" if cuda else None, "cuda_graph": cuda,
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8
+    return {"amp": "bf16" if bf16 else None, "cuda_graph": cuda,
             "channels_last": cuda and (norm == "bn" or compile), "cudnn_benchmark": False, "compile": compile}
 
 
