@@ -195,10 +195,13 @@ def table(results):
         project = pipelines["project"]["steady_epoch_s"]
         for name, r in pipelines.items():
             ratio = f"{r['steady_epoch_s'] / project:.1f}x" if name == "classic" else ""
+            name += " *" if r.get("note") else ""  # a row carried over from an earlier run
             lines.append(f"| {norm} | {name} | {r['steady_epoch_s']:.3f} | {r['first_epoch_s']:.2f} | "
                          f"{r['run_wall_s']:.1f} | {r['images_per_s']:,.0f} | "
                          f"{r['test_acc_last3_mean']:.2f} % | {ratio} |")
     text = "\n".join(lines) + "\n"
+    notes = {r["note"] for pipelines in results["runs"].values() for r in pipelines.values() if r.get("note")}
+    text += "".join(f"\n\\* {note}\n" for note in sorted(notes))
     if "all_variants_wall_s" in results:
         together = results["all_variants_one_process"]
         text += (f"\nAll variants, {results['epochs']}-epoch runs: {results['all_variants_wall_s']:.1f} s as separate processes, "
