@@ -59,7 +59,7 @@ def default_runtime(device, norm, *, compile=False):
     cuda = device.type == "cuda"
     bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8
     return {"amp": "bf16" if bf16 else None, "cuda_graph": cuda,
-            "channels_last": cuda and (norm == "bn" or compile), "cudnn_benchmark": False, "compile": compile}
+            "channels_last": cuda and (norm == "bn" or bool(compile)), "cudnn_benchmark": False, "compile": compile}
 
 
 def make_step(model, optimizer, criterion, runtime):

@@ -36,7 +36,9 @@ class EagerStep:
         # Compiled for the first batch size only, with static shapes: an epoch's one smaller last
         # batch runs uncompiled rather than pay a second compilation (~9 s on the H100 machine),
         # and evaluation calls ``model`` itself.
-        self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if compile else None
+        # ``compile`` is True (inductor's default mode) or the name of a torch.compile mode.
+        options = {"mode": compile} if isinstance(compile, str) else {}
+        self.compiled = torch.compile(model, dynamic=False, fullgraph=True, **options) if compile else None
         self.compiled_batch_size = None
 
     def forward(self, images):

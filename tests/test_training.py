@@ -306,3 +306,9 @@ def test_bf16_only_on_gpus_whose_cudnn_has_bf16_convolutions(monkeypatch, capabi
     assert runtime["amp"] == amp and runtime["cuda_graph"] and not runtime["compile"]
     assert engine.default_runtime("cpu", "bn") == {"amp": None, "cuda_graph": False, "channels_last": False,
                                                    "cudnn_benchmark": False, "compile": False}
+
+
+def test_compile_by_mode_name_turns_channels_last_on(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    runtime = engine.default_runtime(torch.device("cuda"), "gn", compile="max-autotune-no-cudagraphs")
+    assert runtime["channels_last"] is True and runtime["compile"] == "max-autotune-no-cudagraphs"
