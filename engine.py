@@ -59,7 +59,15 @@ def default_runtime(device, norm, *, compile=False):
     cuda = device.type == "cuda"
     bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8
     return {"amp": "bf16" if bf16 else None, "cuda_graph": cuda,
-            "channels_last": cuda and (norm == "bn" or bool(compile)), "cudnn_benchmark": False, "compile": compile}
+            "channels_last": cuda and (norm == "bn" or bool(compile)), "cudnn_benchmark": False,
+            "compile": compile}
+
+
+def resolve_runtime(device, norm, overrides=None):
+    """:func:`default_runtime` with ``overrides`` on top; the defaults follow the requested
+    ``compile`` (it changes the memory layout)."""
+    overrides = overrides or {}
+    return {**default_runtime(device, norm, compile=overrides.get("compile", False)), **overrides}
 
 
 def make_step(model, optimizer, criterion, runtime):
@@ -202,13 +210,13 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
     For a reproducible run, call :func:`seed_everything` before building ``model``.
 
     ``norm`` names the variant (stored in the checkpoint, so a resume cannot mix variants).
-    ``runtime`` overrides entries of :func:`default_runtime`.
+    ``runtime`` overrides entries of :func:`default_runtime` (see :func:`resolve_runtime`).
     With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
     continues from it. ``log`` receives one line per epoch.
     """
     recipe = recipe or recipe_lib.recipe_for(norm)
     device = torch.device(device)
-    runtime = {**default_runtime(device, norm, compile=(runtime or {}).get("compile", False)), **(runtime or {})}
+    runtime = resolve_runtime(device, norm, runtime)
     seed_everything(seed)
     torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
     if not resume:  # a resumed model gets its weights from the checkpoint

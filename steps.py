@@ -64,8 +64,8 @@ class EagerStep:
 class CudaGraphStep(EagerStep):
     """:class:`EagerStep` recorded as a CUDA graph per batch size and replayed.
 
-    Recording runs a few warm-up steps (they create the optimizer's momentum buffers and pick the
-    kernels); the model, its buffers and the optimizer state are restored afterwards, so the
+    Recording runs a few warm-up steps (they load and pick the kernels, and a ``torch.optim``
+    optimizer creates its momentum buffers in them); the model, its buffers and the optimizer state are restored afterwards, so the
     training trajectory is the same as if recording had cost nothing.
     """
 

@@ -60,8 +60,7 @@ def measure(args):
     lap("data")
     norm = args.norm
     recipe = recipe_lib.recipe_for(norm)
-    overrides = json.loads(args.runtime or "{}")
-    runtime = {**engine.default_runtime(device, norm, compile=overrides.get("compile", False)), **overrides}
+    runtime = engine.resolve_runtime(device, norm, json.loads(args.runtime or "{}"))
     engine.seed_everything(0)
     model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
     recipe_lib.initialize(model, recipe, dataset["train_images"])

@@ -310,5 +310,5 @@ def test_bf16_only_on_gpus_whose_cudnn_has_bf16_convolutions(monkeypatch, capabi
 
 def test_compile_by_mode_name_turns_channels_last_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    runtime = engine.default_runtime(torch.device("cuda"), "gn", compile="max-autotune-no-cudagraphs")
+    runtime = engine.resolve_runtime(torch.device("cuda"), "gn", {"compile": "max-autotune-no-cudagraphs"})
     assert runtime["channels_last"] is True and runtime["compile"] == "max-autotune-no-cudagraphs"
