@@ -7,6 +7,7 @@ a fixed seed a resumed run reproduces an uninterrupted run's history exactly.
 
 Checkpoints and weights are read with ``torch.load(weights_only=True)``: loading never runs code.
 """
+import importlib.util
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 import data as data_lib
+import network
 import recipe as recipe_lib
 import steps
 import utils
@@ -43,23 +45,25 @@ AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_runtime(device, norm, *, compile=False):
-    """How to run (not what to compute): mixed precision, CUDA graphs, memory layout, autotuning,
-    compilation.
+    """How to run (not what to compute): mixed precision, CUDA graphs, fused kernels, memory
+    layout, autotuning, compilation.
 
-    On CUDA: bf16 autocast and the whole step replayed as a CUDA graph; channels_last for
-    BatchNorm only (CUDA GroupNorm converts channels_last to NCHW and back, which costs more than
-    the faster convolutions gain), and for every norm when ``compile`` (torch.compile's own
-    GroupNorm kernels keep channels_last). cuDNN autotuning stays off: it costs 5-13 s on the
-    first epoch for at most 5 % per epoch. Compilation stays off unless asked for: it saves
-    ~0.09 s an epoch but costs 20-35 s on a cold cache (benchmarks/NOTES.md). Elsewhere fp32,
-    and on GPUs older than Ampere (e.g. Colab's T4), whose cuDNN has no bf16 convolutions: PyTorch
+    On CUDA: bf16 autocast, the whole step replayed as a CUDA graph, ReLU + norm as one fused
+    Triton operation per block (:mod:`kernels`; where Triton is installed) and channels_last
+    activations, the layout those kernels read. Without the fused kernels, channels_last for
+    BatchNorm only: CUDA GroupNorm converts channels_last to NCHW and back, which costs more than
+    the faster convolutions gain. cuDNN autotuning stays off: it costs 5-13 s on the first epoch
+    for at most 5 % per epoch. Compilation stays off unless asked for (it costs 20-35 s on a cold
+    cache, benchmarks/NOTES.md); it replaces the fused kernels with its own. Elsewhere fp32, and
+    on GPUs older than Ampere (e.g. Colab's T4), whose cuDNN has no bf16 convolutions: PyTorch
     would fall back to slow generic kernels there.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8
-    return {"amp": "bf16" if bf16 else None, "cuda_graph": cuda,
-            "channels_last": cuda and (norm == "bn" or bool(compile)), "cudnn_benchmark": False,
+    fused = cuda and not compile and importlib.util.find_spec("triton") is not None
+    return {"amp": "bf16" if bf16 else None, "cuda_graph": cuda, "fused_norm": fused,
+            "channels_last": cuda and (norm == "bn" or fused or bool(compile)), "cudnn_benchmark": False,
             "compile": compile}
 
 
@@ -68,6 +72,12 @@ def resolve_runtime(device, norm, overrides=None):
     ``compile`` (it changes the memory layout)."""
     overrides = overrides or {}
     return {**default_runtime(device, norm, compile=overrides.get("compile", False)), **overrides}
+
+
+def prepare_model(model, device, runtime):
+    """Move ``model`` to ``device`` in the runtime's memory layout, with or without fused kernels."""
+    network.use_fused_kernels(model, runtime["fused_norm"])
+    return model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
 
 
 def make_step(model, optimizer, criterion, runtime):
@@ -221,7 +231,12 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
     torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
     if not resume:  # a resumed model gets its weights from the checkpoint
         recipe_lib.initialize(model, recipe, dataset["train_images"])
-    model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
+    prepare_model(model, device, runtime)
+    amp_dtype = AMP_DTYPES[runtime["amp"]]
+    if runtime["fused_norm"]:  # compile the Triton kernels in parallel now, not one by one in epoch 1
+        import kernels
+        example = torch.zeros(2, *dataset["train_images"].shape[1:], device=device)
+        kernels.precompile(model, example.contiguous(memory_format=torch.channels_last), dtype=amp_dtype)
     train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
     optimizer = recipe_lib.make_optimizer(model, recipe)
     scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
@@ -241,7 +256,6 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
     if runtime["cuda_graph"]:
         _lr_as_device_tensor(optimizer, device)
     step = make_step(model, optimizer, criterion, runtime)
-    amp_dtype = AMP_DTYPES[runtime["amp"]]
 
     for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
         start = time.perf_counter()

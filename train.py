@@ -90,7 +90,7 @@ def recipe_from_args(norm, args):
 
 def runtime_from_args(args):
     if args.eager:
-        return {"cuda_graph": False, "amp": None, "channels_last": False}
+        return {"cuda_graph": False, "amp": None, "channels_last": False, "fused_norm": False}
     return {"compile": True} if args.compile else None
 
 

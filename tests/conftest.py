@@ -6,6 +6,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # figures render off-screen
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton's kernels (kernels.py) run in its CPU interpreter. Triton reads this when it is
+    # first imported, so it is set before any test imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import data  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -305,7 +305,7 @@ def test_bf16_only_on_gpus_whose_cudnn_has_bf16_convolutions(monkeypatch, capabi
     runtime = engine.default_runtime(torch.device("cuda"), "gn")
     assert runtime["amp"] == amp and runtime["cuda_graph"] and not runtime["compile"]
     assert engine.default_runtime("cpu", "bn") == {"amp": None, "cuda_graph": False, "channels_last": False,
-                                                   "cudnn_benchmark": False, "compile": False}
+                                                   "cudnn_benchmark": False, "compile": False, "fused_norm": False}
 
 
 def test_compile_by_mode_name_turns_channels_last_on(monkeypatch):
