@@ -247,9 +247,12 @@ def normalize(images, *, mean=MEAN, std=STD, dtype=torch.float32):
     return (images.to(dtype) / 255 - mean) / std
 
 
-def test_loader(dataset, *, device="cpu", batch_size=2000):
+def test_loader(dataset, *, device="cpu", batch_size=None):
     """The test images of ``dataset`` in order, never augmented. Evaluation has no backward
-    pass, so it takes large batches."""
+    pass, so it takes large batches: all 10,000 at once on a GPU (fewer launches; 6.5 instead
+    of 9-16 ms a test pass on the H100), 2,000 elsewhere (a CPU's memory)."""
+    if batch_size is None:
+        batch_size = 10_000 if torch.device(device).type == "cuda" else 2000
     return DeviceLoader(dataset["test_images"], dataset["test_labels"], batch_size=batch_size, device=device)
 
 
