@@ -15,9 +15,11 @@ the project's pipeline also trains all of them one after another in a single pro
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,7 +124,11 @@ def run_child(pipeline, norm, args, runtime=None):
     cmd += ["--spawn-time", repr(start)]
     if runtime:
         cmd += ["--runtime", json.dumps(runtime)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.fresh_caches:  # compile every Triton/inductor kernel anew, as on a new machine
+        cache = tempfile.mkdtemp(prefix="bench-cache-")
+        env.update(TRITON_CACHE_DIR=f"{cache}/triton", TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{pipeline}/{norm} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -207,7 +213,8 @@ def table(results):
         text += (f"\nAll variants, {results['epochs']}-epoch runs: {results['all_variants_wall_s']:.1f} s as separate processes, "
                  f"{together['run_wall_s']:.1f} s one after another in one process (test acc "
                  + ", ".join(f"{n} {a:.2f} %" for n, a in together["test_acc_last3_mean"].items()) + ").\n")
-    return text + f"\nDevice: {results['device']}.\n"
+    caches = f" Triton/inductor kernel caches: {results['kernel_caches']}." if "kernel_caches" in results else ""
+    return text + f"\nDevice: {results['device']}.{caches}\n"
 
 
 def main():
@@ -219,6 +226,8 @@ def main():
     p.add_argument("--pipelines", nargs="+", default=["project", "classic"])
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                    help='extra project runtime, e.g. eager=\'{"cuda_graph": false}\'')
+    p.add_argument("--fresh-caches", action="store_true",
+                   help="each run starts with empty Triton and inductor caches (kernel compilation counted)")
     p.add_argument("--out", default=str(HERE))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", help=argparse.SUPPRESS)
@@ -238,7 +247,8 @@ def main():
             runs[norm][name] = run_child(pipeline, norm, args, runtime)
             device = runs[norm][name].pop("device")
             print(norm, name, {k: v for k, v in runs[norm][name].items() if k != "epoch_seconds"}, flush=True)
-    results = {"device": device, "epochs": args.epochs, "runs": runs}
+    results = {"device": device, "epochs": args.epochs, "runs": runs,
+               "kernel_caches": "empty at the start of each run" if args.fresh_caches else "as found"}
     if "project" in args.pipelines and len(args.norms) > 1:
         results["all_variants_wall_s"] = sum(r["project"]["run_wall_s"] for r in runs.values())
         together = run_child("project", ",".join(args.norms), args)

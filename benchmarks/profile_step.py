@@ -1,6 +1,6 @@
 """Where one training step's GPU time goes: torch.profiler over eager steps, top kernels.
 
-    python benchmarks/profile_step.py --norm bn [--nchw] [--fp32] [--compile]
+    python benchmarks/profile_step.py --norm bn [--nchw] [--fp32] [--compile] [--unfused]
 
 Eager steps run the same kernels as the CUDA-graph replay, so their kernel times show what the
 replayed step costs (the graph removes only the launch gaps between them).
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import engine  # noqa: E402
 import network  # noqa: E402
 import recipe as recipe_lib  # noqa: E402
 import steps  # noqa: E402
@@ -23,15 +24,18 @@ def main():
     p.add_argument("--nchw", action="store_true")
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--compile", action="store_true", help="the model's forward through torch.compile")
+    p.add_argument("--unfused", action="store_true", help="ReLU and norm by PyTorch, not fused_norm")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
-    model = network.CifarNet(args.norm).cuda()
-    if not args.nchw:
-        model = model.to(memory_format=torch.channels_last)
+    overrides = {"channels_last": not args.nchw, "amp": None if args.fp32 else "bf16", "compile": args.compile}
+    if args.unfused:
+        overrides["fused_norm"] = False
+    runtime = engine.resolve_runtime("cuda", args.norm, overrides)
+    model = engine.prepare_model(network.CifarNet(args.norm), "cuda", runtime)
     optimizer = recipe_lib.make_optimizer(model, recipe_lib.recipe_for(args.norm))
     step = steps.EagerStep(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=0.1),
-                           amp_dtype=None if args.fp32 else torch.bfloat16, channels_last=not args.nchw,
-                           compile=args.compile)
+                           amp_dtype=engine.AMP_DTYPES[runtime["amp"]], channels_last=runtime["channels_last"],
+                           compile=runtime["compile"])
     x = torch.randn(512, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (512,), device="cuda")
     for _ in range(5):
@@ -44,7 +48,8 @@ def main():
     events = prof.key_averages()
     total = sum(e.device_time_total for e in events) / 10
     print(f"{args.norm} {'nchw' if args.nchw else 'channels_last'} {'fp32' if args.fp32 else 'bf16'}: "
-          f"{'compiled ' if args.compile else ''}GPU time per step {total / 1000:.3f} ms")
+          f"{'compiled ' if args.compile else ''}{'fused ' if runtime['fused_norm'] else ''}"
+          f"GPU time per step {total / 1000:.3f} ms")
     print(events.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=70))
 
 

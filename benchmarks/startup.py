@@ -11,7 +11,9 @@ a device synchronization, and prints one JSON line of seconds per stage:
     cuda_init  creating the CUDA context
     data       reading the CIFAR-10 files
     model      building the model and its whitening initialization (CPU)
-    to_device  model and the uint8 images to the device
+    to_device  the model to the device
+    compile_triton_kernels  (fused kernels only) kernels.precompile: every Triton kernel, in parallel
+    loaders    the uint8 images to the device
     kernels    first forward + backward of a throw-away copy (loads cuDNN/cuBLAS kernels)
     step_512   recording (and, with compile, compiling) the step for full batches
     step_last  the same for the epoch's last, smaller batch
@@ -65,9 +67,15 @@ def measure(args):
     model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
     recipe_lib.initialize(model, recipe, dataset["train_images"])
     lap("model")
-    model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
-    train_loader, test_loader = engine.make_loaders(dataset, recipe=recipe, device=device, seed=0)
+    engine.prepare_model(model, device, runtime)
     lap("to_device", sync)
+    if runtime["fused_norm"]:
+        import kernels
+        example = torch.zeros(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        kernels.precompile(model, example, dtype=engine.AMP_DTYPES[runtime["amp"]])
+        lap("compile_triton_kernels", sync)
+    train_loader, test_loader = engine.make_loaders(dataset, recipe=recipe, device=device, seed=0)
+    lap("loaders", sync)
     images, labels = next(iter(train_loader))
     scratch = copy.deepcopy(model)
     with torch.autocast(device.type, dtype=engine.AMP_DTYPES[runtime["amp"]],
