@@ -213,8 +213,15 @@ def table(results):
         text += (f"\nAll variants, {results['epochs']}-epoch runs: {results['all_variants_wall_s']:.1f} s as separate processes, "
                  f"{together['run_wall_s']:.1f} s one after another in one process (test acc "
                  + ", ".join(f"{n} {a:.2f} %" for n, a in together["test_acc_last3_mean"].items()) + ").\n")
-    caches = f" Triton/inductor kernel caches: {results['kernel_caches']}." if "kernel_caches" in results else ""
-    return text + f"\nDevice: {results['device']}.{caches}\n"
+    if "all_variants_warm_cache_wall_s" in results:  # merged from a second run with warm caches
+        text += (f"With warm kernel caches: {results['all_variants_warm_cache_wall_s']:.1f} s as separate processes, "
+                 f"{results['all_variants_one_process_warm_cache']['run_wall_s']:.1f} s in one process.\n")
+    caches = results.get("kernel_caches")
+    if isinstance(caches, dict):
+        caches = "; ".join(f"{name}: {how}" for name, how in caches.items())
+    caches = f" Triton/inductor kernel caches: {caches}." if caches else ""
+    python = f" Python bytecode: {results['python_bytecode']}." if "python_bytecode" in results else ""
+    return text + f"\nDevice: {results['device']}.{caches}{python}\n"
 
 
 def main():
