@@ -1,4 +1,10 @@
-"""ReLU followed by BatchNorm or GroupNorm as one fused operation, in Triton, for channels_last.
+"""Triton kernels for the network's memory-bound layers, on channels_last CUDA tensors.
+
+:func:`relu_norm` (ReLU then BatchNorm or GroupNorm, plus a skip connection's add, as one
+operation), :func:`max_pool` (2x2, stride 2), :func:`conv2d` (the first layer's 3x3
+convolution of 3 channels, which cuDNN has no fast kernel for) and :func:`precompile` (compile
+all of a model's kernels at once, in parallel). ``network.use_fused_kernels`` switches a model
+to them; ``engine.default_runtime`` does so on CUDA. Measured effect: ``benchmarks/NOTES.md``.
 
 Every block of the network computes ``norm(relu(conv(x)))``. Done by PyTorch, that is a ReLU
 kernel, then BatchNorm's statistics, its normalization, and as many kernels again backwards,
@@ -8,8 +14,8 @@ layer also pays two layout conversions. Here the ReLU is folded into the norm's 
 gradient into the norm's gradient), and a channels_last activation is read as what it is in
 memory: a row-major ``[N*H*W, C]`` matrix.
 
-- BatchNorm, training: partial statistics per slice of rows, one program that combines them
-  (and updates the running statistics), one pass that normalizes. Backward likewise: partial
+- BatchNorm, training: partial statistics per slice of rows, one program per channel that
+  combines them (and updates the running statistics), one pass that normalizes. Backward likewise: partial
   sums, combine, one pass. Evaluation: one pass with the running statistics.
 - GroupNorm: one program per image computes its statistics and normalizes it; backward is one
   program per image too (the image is re-read from L2, not from memory).
@@ -20,8 +26,8 @@ cancellation. The functions keep the modules' exact semantics: biased variance f
 unbiased for the running variance, momentum, ``num_batches_tracked``; ReLU's gradient at 0 is 0.
 
 :func:`supports` says which modules and tensors the kernels take; :func:`relu_norm` falls back to
-the PyTorch modules for anything else. With ``TRITON_INTERPRET=1`` the kernels run on the CPU
-(Triton's interpreter), which is how the tests check them without a GPU.
+the PyTorch modules for anything else (so do the other functions). With ``TRITON_INTERPRET=1``
+the kernels run on the CPU (Triton's interpreter), which is how the tests check them without a GPU.
 """
 import concurrent.futures
 import contextlib
@@ -42,7 +48,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # new divisibility of a size (an epoch's last batch, the test batch), about a second each; the
 # loads are vectorized along the channels, whose count is a compile-time constant anyway.
 BLOCK_M = 128  # rows (pixels) per tile; a tile is BLOCK_M x C values
-BLOCK_P = 512  # partial results combined per iteration
+BLOCK_P = 512  # partial results summed per iteration of a combining program
 POOL_BLOCK = 64  # output pixels per max-pooling program
 CONV_BLOCK = 128  # pixels per tile of the first layer's convolution
 CONV_K = 32  # its 27 taps (3x3 x 3 channels) padded to a matrix dimension

@@ -61,8 +61,9 @@ class ConvBlock(nn.Sequential):
     """Conv 3x3 (no bias) -> ReLU -> Norm -> Dropout, the seed's block order.
 
     With ``fused`` set (see :func:`use_fused_kernels`), ReLU and Norm run as one fused Triton
-    operation (:mod:`kernels`) on the tensors it supports: same parameters, same buffers, same
-    results up to rounding, a fraction of the memory traffic.
+    operation (:mod:`kernels`) on the tensors it supports, and so does the first block's
+    3-channel convolution: same parameters, same buffers, same results up to rounding, a
+    fraction of the memory traffic. Unsupported tensors (the CPU, say) take the modules' path.
     """
 
     fused = False
