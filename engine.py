@@ -80,6 +80,16 @@ def prepare_model(model, device, runtime):
     return model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
 
 
+def compile_kernels(model, device, runtime, *, image_shape):
+    """With the fused kernels, compile them all now, in parallel (:func:`kernels.precompile`),
+    rather than one by one during the first epoch. ``image_shape`` is one image's (C, H, W)."""
+    if not runtime["fused_norm"]:
+        return
+    import kernels
+    example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    kernels.precompile(model, example, dtype=AMP_DTYPES[runtime["amp"]])
+
+
 def make_step(model, optimizer, criterion, runtime):
     """The training step that ``runtime`` asks for (see :mod:`steps`)."""
     kind = steps.CudaGraphStep if runtime["cuda_graph"] else steps.EagerStep
@@ -233,10 +243,7 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, checkpoint_p
         recipe_lib.initialize(model, recipe, dataset["train_images"])
     prepare_model(model, device, runtime)
     amp_dtype = AMP_DTYPES[runtime["amp"]]
-    if runtime["fused_norm"]:  # compile the Triton kernels in parallel now, not one by one in epoch 1
-        import kernels
-        example = torch.zeros(2, *dataset["train_images"].shape[1:], device=device)
-        kernels.precompile(model, example.contiguous(memory_format=torch.channels_last), dtype=amp_dtype)
+    compile_kernels(model, device, runtime, image_shape=dataset["train_images"].shape[1:])
     train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
     optimizer = recipe_lib.make_optimizer(model, recipe)
     scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))

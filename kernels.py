@@ -298,23 +298,33 @@ def _row_sums_kernel(X, OUT, P, BLOCK_P: tl.constexpr):
     tl.store(OUT + k, tl.sum(acc, axis=0))
 
 
-@triton.jit(do_not_specialize=["H", "W", "OUT_PIXELS"])
-def _max_pool_2x2_kernel(X, Y, H, W, OUT_PIXELS, C: tl.constexpr, BLOCK: tl.constexpr):
-    """2x2 max pooling, stride 2, channels_last: X is [N, H, W, C], Y is [N, H//2, W//2, C]."""
-    pixels = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, C)
+@triton.jit
+def _window_max(X, pixels, cols, H, W, OUT_PIXELS, C: tl.constexpr, BLOCK: tl.constexpr):
+    """The 2x2 windows of output ``pixels`` (X is [N, H, W, C]): their maxima (fp32), which corner
+    (0-3, row by row) holds each, the windows' top-left offsets, and the mask of valid pixels.
+    PyTorch's order and rule: row by row, a value replaces the maximum if greater or NaN. Compared
+    in fp32 (exact for every input dtype; Triton's CPU interpreter compares 16-bit floats wrongly)."""
     mask = (pixels < OUT_PIXELS)[:, None]
     ow = pixels % (W // 2)
     oh = (pixels // (W // 2)) % (H // 2)
     n = pixels // ((W // 2) * (H // 2))
     top_left = (((n * H + 2 * oh) * W + 2 * ow) * C)[:, None] + cols[None, :]
-    # Compared in fp32 (exact for every input dtype; Triton's CPU interpreter compares 16-bit
-    # floats wrongly).
     best = tl.load(X + top_left, mask=mask, other=0.0).to(tl.float32)
+    pick = tl.zeros([BLOCK, C], dtype=tl.int32)
     for corner in tl.static_range(1, 4):
-        # PyTorch's order and rule: row by row, a value replaces the maximum if greater or NaN
         v = tl.load(X + top_left + ((corner // 2) * W + corner % 2) * C, mask=mask, other=0.0).to(tl.float32)
-        best = tl.where((v > best) | (v != v), v, best)
+        better = (v > best) | (v != v)
+        best = tl.where(better, v, best)
+        pick = tl.where(better, corner, pick)
+    return best, pick, top_left, mask
+
+
+@triton.jit(do_not_specialize=["H", "W", "OUT_PIXELS"])
+def _max_pool_2x2_kernel(X, Y, H, W, OUT_PIXELS, C: tl.constexpr, BLOCK: tl.constexpr):
+    """2x2 max pooling, stride 2, channels_last: X is [N, H, W, C], Y is [N, H//2, W//2, C]."""
+    pixels = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, C)
+    best, _, _, mask = _window_max(X, pixels, cols, H, W, OUT_PIXELS, C, BLOCK)
     tl.store(Y + pixels[:, None] * C + cols[None, :], best.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -324,19 +334,8 @@ def _max_pool_2x2_backward_kernel(X, DY, DX, H, W, OUT_PIXELS, C: tl.constexpr, 
     rule), zero to the three others; windows do not overlap, so every input is written once."""
     pixels = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, C)
-    mask = (pixels < OUT_PIXELS)[:, None]
-    ow = pixels % (W // 2)
-    oh = (pixels // (W // 2)) % (H // 2)
-    n = pixels // ((W // 2) * (H // 2))
-    top_left = (((n * H + 2 * oh) * W + 2 * ow) * C)[:, None] + cols[None, :]
+    _, pick, top_left, mask = _window_max(X, pixels, cols, H, W, OUT_PIXELS, C, BLOCK)
     dy = tl.load(DY + pixels[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    best = tl.load(X + top_left, mask=mask, other=0.0).to(tl.float32)
-    pick = tl.zeros([BLOCK, C], dtype=tl.int32)
-    for corner in tl.static_range(1, 4):
-        v = tl.load(X + top_left + ((corner // 2) * W + corner % 2) * C, mask=mask, other=0.0).to(tl.float32)
-        better = (v > best) | (v != v)
-        best = tl.where(better, v, best)
-        pick = tl.where(better, corner, pick)
     for corner in tl.static_range(0, 4):
         tl.store(DX + top_left + ((corner // 2) * W + corner % 2) * C, tl.where(pick == corner, dy, 0.0).to(dy.dtype),
                  mask=mask)

@@ -70,9 +70,7 @@ def measure(args):
     engine.prepare_model(model, device, runtime)
     lap("to_device", sync)
     if runtime["fused_norm"]:
-        import kernels
-        example = torch.zeros(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-        kernels.precompile(model, example, dtype=engine.AMP_DTYPES[runtime["amp"]])
+        engine.compile_kernels(model, device, runtime, image_shape=dataset["train_images"].shape[1:])
         lap("compile_triton_kernels", sync)
     train_loader, test_loader = engine.make_loaders(dataset, recipe=recipe, device=device, seed=0)
     lap("loaders", sync)
