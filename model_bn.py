@@ -2,7 +2,7 @@
 
 Its statistics depend on the other images of the batch; at evaluation it uses running averages.
 """
-from network import CifarNet
+from normstudy.models import CifarNet
 
 
 def Net(**kwargs):

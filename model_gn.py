@@ -4,7 +4,7 @@ normalized over its channels and pixels.
 Sits between LayerNorm (1 group) and InstanceNorm (one group per channel); like LayerNorm, it never
 mixes images, so it behaves the same at any batch size.
 """
-from network import CifarNet
+from normstudy.models import CifarNet
 
 
 def Net(groups=2, **kwargs):

@@ -3,7 +3,7 @@
 Implemented as ``nn.GroupNorm(1, C)``, which keeps a per-channel scale and shift; the statistics
 never mix images, so training and evaluation compute the same function.
 """
-from network import CifarNet
+from normstudy.models import CifarNet
 
 
 def Net(**kwargs):

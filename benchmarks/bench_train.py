@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py --data-dir /root/data --norms bn ln gn --epochs 20
 
 (a) project: uint8 images on the device, whole-epoch augmentation there, bf16 autocast,
-    channels_last, every training step replayed as a CUDA graph (engine.fit's defaults).
+    channels_last, every training step replayed as a CUDA graph (the fast runtime's defaults).
 (b) classic: torchvision CIFAR10 + RandomCrop/RandomHorizontalFlip/ToTensor/Normalize, DataLoader
     with 4 workers, fp32, the same model, optimizer and one-cycle schedule, eager.
 
@@ -34,8 +34,8 @@ def _classic_fit(model, recipe, data_dir, device, seed):
     import torchvision
     from torchvision import transforms
 
-    import data as data_lib
-    import recipe as recipe_lib
+    from normstudy import data as data_lib
+    from normstudy import recipe as recipe_lib
 
     class CIFAR10(torchvision.datasets.CIFAR10):
         # The lossless rebuild of the dataset differs from the original md5 sums: skip the checks.
@@ -84,26 +84,24 @@ def child(args):
     import torch
     imported = time.time()
 
-    import data as data_lib
-    import engine
-    import network
-    import recipe as recipe_lib
+    from normstudy import data as data_lib, fit, models, recipe as recipe_lib, runtime as runtime_lib
 
-    device = engine.pick_device(args.device)
+    device = runtime_lib.pick_device(args.device)
     histories = {}
     runtime = dict(json.loads(args.runtime)) if args.runtime else None
     dataset = None
     for norm in args.norm.split(","):  # several norms: one after another in this one process
         recipe = recipe_lib.recipe_for(norm, epochs=args.epochs)
-        engine.seed_everything(args.seed)
-        model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
         if args.pipeline == "classic":
+            fit.seed_everything(args.seed)
+            model = models.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
             histories[norm] = _classic_fit(model, recipe, args.data_dir, device, args.seed)
             continue
         if dataset is None:
             dataset = data_lib.load_cifar10(args.data_dir, download=False)
             loaded = time.time()
-        histories[norm] = engine.fit(model, dataset, norm=norm, recipe=recipe, device=device, seed=args.seed,
+        model = models.fresh_model(norm, recipe, train_images=dataset["train_images"], seed=args.seed)
+        histories[norm] = fit.fit(model, dataset, norm=norm, recipe=recipe, device=device, seed=args.seed,
                                      progress=False, log=lambda line: print(line, file=sys.stderr),
                                      runtime=runtime)
     if device.type == "cuda":
@@ -150,8 +148,8 @@ def floors(norm, device_name):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import network
-    model = network.CifarNet(norm).cuda().to(memory_format=torch.channels_last)
+    from normstudy import models
+    model = models.CifarNet(norm).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(512, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (512,), device="cuda")
     activation_bytes = 0

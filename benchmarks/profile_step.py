@@ -12,10 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402
-import network  # noqa: E402
-import recipe as recipe_lib  # noqa: E402
-import steps  # noqa: E402
+from normstudy import data, fit, models, recipe as recipe_lib  # noqa: E402
 
 
 def main():
@@ -24,18 +21,20 @@ def main():
     p.add_argument("--nchw", action="store_true")
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--compile", action="store_true", help="the model's forward through torch.compile")
-    p.add_argument("--unfused", action="store_true", help="ReLU and norm by PyTorch, not fused_norm")
+    p.add_argument("--unfused", action="store_true", help="PyTorch's modules, not the Triton kernels")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
-    overrides = {"channels_last": not args.nchw, "amp": None if args.fp32 else "bf16", "compile": args.compile}
+    overrides = {"channels_last": not args.nchw, "amp": None if args.fp32 else "bf16", "compile": args.compile,
+                 "cuda_graph": False}  # eager steps: the profiler sees each kernel
     if args.unfused:
-        overrides["fused_norm"] = False
-    runtime = engine.resolve_runtime("cuda", args.norm, overrides)
-    model = engine.prepare_model(network.CifarNet(args.norm), "cuda", runtime)
-    optimizer = recipe_lib.make_optimizer(model, recipe_lib.recipe_for(args.norm))
-    step = steps.EagerStep(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=0.1),
-                           amp_dtype=engine.AMP_DTYPES[runtime["amp"]], channels_last=runtime["channels_last"],
-                           compile=runtime["compile"])
+        overrides["triton_kernels"] = False
+    # The run's own set-up (fit.prepare) on small synthetic data: the recipe's loss, optimizer, layout.
+    dataset = data.load_synthetic_cifar10(n_train=1024, n_test=256)
+    recipe = recipe_lib.recipe_for(args.norm)
+    model = models.fresh_model(args.norm, recipe, train_images=dataset["train_images"], seed=0)
+    training = fit.prepare(model, dataset, recipe=recipe, device="cuda", seed=0, runtime=overrides, norm=args.norm)
+    step = training.make_step()
+    runtime = training.runtime
     x = torch.randn(512, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (512,), device="cuda")
     for _ in range(5):
@@ -48,7 +47,7 @@ def main():
     events = prof.key_averages()
     total = sum(e.device_time_total for e in events) / 10
     print(f"{args.norm} {'nchw' if args.nchw else 'channels_last'} {'fp32' if args.fp32 else 'bf16'}: "
-          f"{'compiled ' if args.compile else ''}{'fused ' if runtime['fused_norm'] else ''}"
+          f"{'compiled ' if args.compile else ''}{'triton kernels ' if runtime['triton_kernels'] else ''}"
           f"GPU time per step {total / 1000:.3f} ms")
     print(events.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=70))
 

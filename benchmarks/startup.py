@@ -2,7 +2,8 @@
 
     python benchmarks/startup.py --data-dir /root/data --norm bn [--runtime '{"compile": true}']
 
-Runs the stages that ``engine.fit`` goes through before its steady epochs, in order, each ended by
+Runs the stages that a run goes through before its steady epochs, in order (through the same
+``fit.prepare`` that ``fit.fit`` calls), each ended by
 a device synchronization, and prints one JSON line of seconds per stage:
 
     python     interpreter start (measured from the parent's clock when spawned by it)
@@ -10,10 +11,10 @@ a device synchronization, and prints one JSON line of seconds per stage:
     project    importing this package (data, engine, network, recipe and what they import)
     cuda_init  creating the CUDA context
     data       reading the CIFAR-10 files
-    model      building the model and its whitening initialization (CPU)
+    model      building the model and its whitening initialization (CPU, models.fresh_model)
     to_device  the model to the device
     compile_triton_kernels  (fused kernels only) kernels.precompile: every Triton kernel, in parallel
-    loaders    the uint8 images to the device
+    loaders    the uint8 images to the device, optimizer and schedule
     kernels    first forward + backward of a throw-away copy (loads cuDNN/cuBLAS kernels)
     step_512   recording (and, with compile, compiling) the step for full batches
     step_last  the same for the epoch's last, smaller batch
@@ -48,13 +49,9 @@ def measure(args):
         stages["python"] = round(START - args.spawn_time, 3)
     import torch
     lap("torch")
-    import data as data_lib
-    import engine
-    import network
-    import recipe as recipe_lib
-    import utils
+    from normstudy import data as data_lib, fit, loop, models, recipe as recipe_lib, runtime as runtime_lib
     lap("project")
-    device = engine.pick_device(args.device)
+    device = runtime_lib.pick_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     torch.empty(1, device=device)
     lap("cuda_init", sync)
@@ -62,31 +59,19 @@ def measure(args):
     lap("data")
     norm = args.norm
     recipe = recipe_lib.recipe_for(norm)
-    runtime = engine.resolve_runtime(device, norm, json.loads(args.runtime or "{}"))
-    engine.seed_everything(0)
-    model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
-    recipe_lib.initialize(model, recipe, dataset["train_images"])
+    model = models.fresh_model(norm, recipe, train_images=dataset["train_images"], seed=0)
     lap("model")
-    engine.prepare_model(model, device, runtime)
-    lap("to_device", sync)
-    if runtime["fused_norm"]:
-        engine.compile_kernels(model, device, runtime, image_shape=dataset["train_images"].shape[1:])
-        lap("compile_triton_kernels", sync)
-    train_loader, test_loader = engine.make_loaders(dataset, recipe=recipe, device=device, seed=0)
-    lap("loaders", sync)
-    images, labels = next(iter(train_loader))
+    # The run's own set-up, stage by stage (to_device, compile_triton_kernels, loaders).
+    training = fit.prepare(model, dataset, recipe=recipe, device=device, seed=0, norm=norm,
+                           runtime=json.loads(args.runtime or "{}"), on_stage=lambda name: lap(name, sync))
+    runtime = training.runtime
+    images, labels = next(iter(training.train_loader))
     scratch = copy.deepcopy(model)
-    with torch.autocast(device.type, dtype=engine.AMP_DTYPES[runtime["amp"]],
-                        enabled=runtime["amp"] is not None):
+    with torch.autocast(device.type, dtype=training.amp_dtype, enabled=training.amp_dtype is not None):
         torch.nn.functional.cross_entropy(scratch(images), labels).backward()
     del scratch
     lap("kernels", sync)
-    optimizer = recipe_lib.make_optimizer(model, recipe)
-    scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
-    if runtime["cuda_graph"]:
-        engine._lr_as_device_tensor(optimizer, device)
-    step = engine.make_step(model, optimizer, criterion, runtime)
+    step = training.make_step()
     step(images, labels)
     lap("step_512", sync)
     last = len(dataset["train_images"]) % recipe["batch_size"]
@@ -94,8 +79,9 @@ def measure(args):
         step(images[:last], labels[:last])
         lap("step_last", sync)
     for epoch in (1, 2):
-        utils.train(model, device, train_loader, optimizer, criterion, scheduler, progress=False, step=step)
-        _, accuracy = utils.test(model, device, test_loader, criterion, amp_dtype=engine.AMP_DTYPES[runtime["amp"]])
+        loop.train(model, device, training.train_loader, training.optimizer, training.criterion, training.scheduler,
+                   progress=False, step=step)
+        _, accuracy = loop.test(model, device, training.test_loader, training.criterion, amp_dtype=training.amp_dtype)
         lap(f"epoch_{epoch}", sync)
     stages["total"] = round(time.time() - (args.spawn_time or START), 3)
     print(json.dumps({"norm": norm, "runtime": runtime, "seconds": stages, "test_acc_epoch_2": accuracy}))
@@ -106,7 +92,7 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--norm", default="bn")
     p.add_argument("--device", default="auto")
-    p.add_argument("--runtime", help="JSON overrides of engine.default_runtime")
+    p.add_argument("--runtime", help="JSON overrides of the fast runtime (normstudy.runtime)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spawn-time", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """Redraw every run's figures under a results folder from its saved history and weights, on the CPU.
 
-    python scripts/redraw_figures.py --results results --data-dir ./data
+    python scripts/redraw_figures.py --results results/main --data-dir ./data
 
 For when the plotting code changes after a GPU run: no retraining needed. (The gallery's
 predictions come from an fp32 CPU forward pass; the run itself evaluated in bf16 on the GPU, so a
@@ -12,26 +12,22 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import data  # noqa: E402
-import engine  # noqa: E402
-import network  # noqa: E402
-import recipe as recipe_lib  # noqa: E402
-import train  # noqa: E402
+from normstudy import checkpoints, data, models, recipe as recipe_lib, report, run  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default="results/main")
     p.add_argument("--data-dir", default="./data")
     args = p.parse_args()
     dataset = data.load_cifar10(args.data_dir, download=False)
-    for record_path in sorted(Path(args.results).glob("*/seed*/history.json")):
+    for record_path in sorted(Path(args.results).glob("*/record.json")):
         record = json.loads(record_path.read_text())
-        model = network.CifarNet(record["norm"], **recipe_lib.model_kwargs(record["recipe"]))
-        engine.load_weights(model, record_path.parent / "weights.pt")
-        train.write_run_figures(record_path.parent, record, model=model, device="cpu", dataset=dataset)
+        model = models.CifarNet(record["config"]["norm"], **recipe_lib.model_kwargs(record["recipe"]))
+        checkpoints.load_weights(model, record_path.parent / "weights.pt")
+        run.write_run_figures(record_path.parent, record, model=model, device="cpu", dataset=dataset)
         print("redrew", record_path.parent)
-    print(train.write_summary(Path(args.results)))
+    print(report.write_summary(Path(args.results)))
 
 
 if __name__ == "__main__":

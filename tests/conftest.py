@@ -1,4 +1,4 @@
-"""Shared fixtures: small synthetic CIFAR-10 folders in the real file format, and no network."""
+"""Shared fixtures: small synthetic CIFAR-10 folders in the real file format, and no models."""
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures render off-screen
@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     # first imported, so it is set before any test imports it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import data  # noqa: E402
+from normstudy import data  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

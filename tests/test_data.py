@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from normstudy import data
 
 
 def _write(path, record):

@@ -4,8 +4,8 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-import data
-import network
+from normstudy import data
+from normstudy import models
 import utils
 
 
@@ -28,7 +28,7 @@ def test_loss_and_accuracy_grid():
 
 
 def test_misclassified_gallery_titles_true_and_predicted(dataset):
-    model = network.CifarNet("ln").eval()
+    model = models.CifarNet("ln").eval()
     fig = utils.show_misclassified(model, "cpu", dataset, title="LN")
     assert len(fig.axes) == 10
     titles = [ax.get_title() for ax in fig.axes if ax.images]
@@ -43,7 +43,7 @@ def test_misclassified_gallery_titles_true_and_predicted(dataset):
 
 
 def test_find_misclassified_returns_only_mistakes(dataset):
-    model = network.CifarNet("bn").eval()
+    model = models.CifarNet("bn").eval()
     loader = data.DeviceLoader(dataset["test_images"], dataset["test_labels"], batch_size=64)
     index, truth, predicted = utils.find_misclassified(model, "cpu", loader, n=10)
     assert len(index) == 10 and (truth != predicted).all()
@@ -66,8 +66,8 @@ def test_gallery_spans_the_classes_of_a_class_sorted_test_set():
 
 
 def test_comparison_and_training_images(dataset):
-    history = {"train_acc": [40, 60], "test_loss": [1.5, 1.1], "test_acc": [45, 62]}
+    history = {"train_loss": [1.6, 1.2], "train_acc": [40, 60], "test_loss": [1.5, 1.1], "test_acc": [45, 62]}
     fig = utils.plot_comparison({"BN": history, "GN": history})
-    assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2]
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2, 2]
     fig = utils.show_images(dataset["train_images"], dataset["train_labels"], data.CLASSES, n=10)
     assert sum(1 for ax in fig.axes if ax.images) == 10

@@ -16,12 +16,12 @@ from torch import nn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytest.importorskip("triton")  # conftest.py has switched its interpreter on where there is no GPU
-kernels = importlib.import_module("kernels")
+kernels = importlib.import_module("normstudy.fast.kernels")
 if DEVICE == "cpu" and not kernels.INTERPRET:
     pytest.skip("no GPU and Triton's interpreter is off", allow_module_level=True)
 
-import engine  # noqa: E402
-import network  # noqa: E402
+from normstudy import runtime as runtime_lib  # noqa: E402
+from normstudy import models  # noqa: E402
 
 SHAPES = [(3, 32, 6, 6), (2, 16, 17, 9), (5, 32, 4, 4)]  # 108, 153 and 16 pixels per image
 
@@ -159,10 +159,10 @@ def test_fused_network_computes_what_the_plain_one_does(norm, monkeypatch):
     # networks would then amplify differently). The network has no matrix products.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(5)
-    plain = network.CifarNet(norm).to(DEVICE)
-    fused = network.use_fused_kernels(copy.deepcopy(plain))
+    plain = models.CifarNet(norm).to(DEVICE)
+    fused = models.use_triton_kernels(copy.deepcopy(plain))
     assert fused.state_dict().keys() == plain.state_dict().keys()
-    assert all(m.fused for m in fused.modules() if isinstance(m, (network.ConvBlock, network.MaxPool2d)))
+    assert all(m.fused for m in fused.modules() if isinstance(m, (models.ConvBlock, models.MaxPool2d)))
     x = channels_last(2, 3, 32, 32, scale=1.0, shift=0.0)
     y_plain, y_fused = plain(x), fused(x)
     grad = torch.randn_like(y_plain)
@@ -171,17 +171,17 @@ def test_fused_network_computes_what_the_plain_one_does(norm, monkeypatch):
     assert rel_err(y_fused, y_plain) < 1e-4
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
         assert rel_err(q.grad, p.grad) < 1e-3, name
-    network.use_fused_kernels(fused, False)
-    assert not any(m.fused for m in fused.modules() if isinstance(m, (network.ConvBlock, network.MaxPool2d)))
+    models.use_triton_kernels(fused, False)
+    assert not any(m.fused for m in fused.modules() if isinstance(m, (models.ConvBlock, models.MaxPool2d)))
 
 
 def test_cuda_runtime_uses_the_fused_kernels_and_channels_last_for_every_norm(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     for norm in ("bn", "ln", "gn"):
-        runtime = engine.default_runtime(torch.device("cuda"), norm)
-        assert runtime["fused_norm"] and runtime["channels_last"]
-    assert not engine.default_runtime(torch.device("cuda"), "gn", compile=True)["fused_norm"]
-    assert not engine.default_runtime("cpu", "bn")["fused_norm"]
+        runtime = runtime_lib.runtime_for(torch.device("cuda"), norm=norm)
+        assert runtime["triton_kernels"] and runtime["channels_last"]
+    assert not runtime_lib.runtime_for(torch.device("cuda"), norm="gn", compile=True)["triton_kernels"]
+    assert not runtime_lib.runtime_for("cpu", norm="bn")["triton_kernels"]
 
 
 def test_under_precompile_launches_only_compile_on_worker_threads():

@@ -9,7 +9,7 @@ from torchsummary import summary
 import model_bn
 import model_gn
 import model_ln
-import network
+from normstudy import models
 import utils
 
 SEED_TABLES = Path(__file__).parent / "data"
@@ -31,8 +31,8 @@ def test_torchsummary_prints_the_seeds_table(norm, capsys):
     assert printed == expected
 
 
-@pytest.mark.parametrize("norm, kind, groups", [("bn", nn.BatchNorm2d, None), ("ln", network.GroupNorm, 1),
-                                                ("gn", network.GroupNorm, 2)])
+@pytest.mark.parametrize("norm, kind, groups", [("bn", nn.BatchNorm2d, None), ("ln", models.GroupNorm, 1),
+                                                ("gn", models.GroupNorm, 2)])
 def test_each_variant_holds_its_norm_and_no_other(norm, kind, groups):
     model = VARIANTS[norm].Net()
     norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -80,9 +80,9 @@ def test_group_count_that_does_not_divide_channels_is_refused():
 
 def test_unknown_norm_and_bad_dropout_are_refused():
     with pytest.raises(ValueError, match="unknown norm 'in'; choose one of bn, ln, gn"):
-        network.CifarNet("in")
+        models.CifarNet("in")
     with pytest.raises(ValueError, match="dropout"):
-        network.CifarNet("bn", dropout=1.5)
+        models.CifarNet("bn", dropout=1.5)
 
 
 def test_dropout_and_bn_momentum_reach_the_layers():
@@ -100,7 +100,7 @@ def test_get_correct_pred_count_on_hand_made_tensors():
 
 def test_group_norm_under_autocast_stays_in_half_precision_and_matches_fp32():
     torch.manual_seed(0)
-    norm = network.GroupNorm(2, 32)
+    norm = models.GroupNorm(2, 32)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
     x = (torch.randn(4, 32, 8, 8) * 3 + 1).bfloat16().requires_grad_()

@@ -1,5 +1,7 @@
-"""The three notebooks execute end to end in smoke mode (tiny synthetic data, one epoch, CPU)
-and hold no logic of their own."""
+"""The three notebooks execute end to end in smoke mode (tiny synthetic data, one epoch, CPU),
+hold no logic of their own, and are exactly what their template makes."""
+import importlib.util
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -19,9 +21,11 @@ def code_cells(nb):
 def test_notebook_runs_in_smoke_mode(norm, monkeypatch, tmp_path):
     monkeypatch.setenv("CI", "true")  # the notebooks' smoke switch
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    committed = (ROOT / NOTEBOOKS[norm]).read_bytes()
     nb = nbformat.read(ROOT / NOTEBOOKS[norm], as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert (ROOT / NOTEBOOKS[norm]).read_bytes() == committed  # executed in memory only
     outputs = [output for cell in code_cells(nb) for output in cell.get("outputs", [])]
     text = "".join(output.get("text", "") for output in outputs)
     assert "Total params: 48,736" in text
@@ -36,3 +40,31 @@ def test_notebook_only_imports_and_orchestrates(norm):
     assert f"from model_{norm} import Net" in source
     for forbidden in ("class ", "def ", "nn.Conv2d", ".backward(", "optimizer.step"):
         assert forbidden not in source
+
+
+def _template():
+    spec = importlib.util.spec_from_file_location("make_notebooks", ROOT / "scripts" / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("norm", NOTEBOOKS)
+def test_committed_notebook_is_what_the_template_makes(norm):
+    expected = _template().notebook(norm)
+    committed = nbformat.read(ROOT / NOTEBOOKS[norm], as_version=4)
+    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in expected.cells]
+
+
+def test_smoke_execution_script_writes_copies_and_leaves_the_notebooks_alone(tmp_path, monkeypatch):
+    source = tmp_path / "repo"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "results", "runs", "*.pt"))
+    before = (source / NOTEBOOKS["bn"]).read_bytes()
+    spec = importlib.util.spec_from_file_location("run_notebooks", source / "scripts" / "run_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("CI", "true")
+    written = module.main([str(source / NOTEBOOKS["bn"])], smoke=True, out=tmp_path / "smoke")
+    assert (source / NOTEBOOKS["bn"]).read_bytes() == before
+    assert written == [tmp_path / "smoke" / NOTEBOOKS["bn"]]
+    assert "Total params: 48,736" in written[0].read_text()

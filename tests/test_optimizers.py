@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import network
-import optimizers
-import recipe as recipe_lib
+from normstudy import models
+from normstudy.fast import optimizers
+from normstudy import recipe as recipe_lib
 
 
 def _batches(n=6, seed=0):
@@ -29,8 +29,8 @@ def _param_groups(model, weight_decay=5e-4):
 
 def _twin_models(norm="bn"):
     torch.manual_seed(0)
-    ours = network.CifarNet(norm)
-    theirs = network.CifarNet(norm)
+    ours = models.CifarNet(norm)
+    theirs = models.CifarNet(norm)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -101,4 +101,4 @@ def test_sgd_rejects_what_torch_rejects():
     with pytest.raises(ValueError, match="no parameters"):
         optimizers.SGD([], lr=0.1)
     with pytest.raises(ValueError, match="Nesterov"):
-        optimizers.SGD(network.CifarNet("bn").parameters(), lr=0.1, nesterov=True)
+        optimizers.SGD(models.CifarNet("bn").parameters(), lr=0.1, nesterov=True)

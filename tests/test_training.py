@@ -5,15 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-import data
-import engine
-import network
-import recipe as recipe_lib
-import steps
+from normstudy import data
+from normstudy import checkpoints
+from normstudy import fit as fit_lib
+from normstudy import runtime as runtime_lib
+from normstudy import models
+from normstudy import recipe as recipe_lib
+from normstudy.fast import steps
 import utils
 
 # Small and quick on 2 CPU cores: 500 training images in batches of 50, a few epochs.
-SMALL = dict(epochs=3, batch_size=50, lr=0.05)
+SMALL = dict(epochs=3, batch_size=50, lr_per_32=0.032)  # peak lr 0.05
 
 
 def small_recipe(norm="bn", **overrides):
@@ -22,9 +24,8 @@ def small_recipe(norm="bn", **overrides):
 
 def fit(dataset, norm="bn", seed=0, **kwargs):
     recipe = kwargs.pop("recipe", None) or small_recipe(norm)
-    engine.seed_everything(seed)
-    model = network.CifarNet(norm, **recipe_lib.model_kwargs(recipe))
-    history = engine.fit(model, dataset, norm=norm, recipe=recipe, seed=seed, progress=False,
+    model = models.fresh_model(norm, recipe, train_images=dataset["train_images"], seed=seed)
+    history = fit_lib.fit(model, dataset, norm=norm, recipe=recipe, seed=seed, progress=False,
                          log=lambda line: None, **kwargs)
     return model, history
 
@@ -40,7 +41,7 @@ def test_training_lowers_the_loss(dataset, norm):
 
 def test_train_and_test_return_epoch_means(dataset):
     torch.manual_seed(0)
-    model = network.CifarNet("bn")
+    model = models.CifarNet("bn")
     loader = data.DeviceLoader(dataset["train_images"], dataset["train_labels"], batch_size=100)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     criterion = nn.CrossEntropyLoss()
@@ -53,7 +54,7 @@ def test_train_and_test_return_epoch_means(dataset):
 
 
 def test_scheduler_is_stepped_once_per_batch(dataset):
-    model = network.CifarNet("ln")
+    model = models.CifarNet("ln")
     loader = data.DeviceLoader(dataset["train_images"], dataset["train_labels"], batch_size=100)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -66,7 +67,7 @@ def test_one_small_batch_can_be_overfit():
     images, labels = data.synthetic_images(32, seed=5)
     x, y = data.normalize(torch.from_numpy(images)), torch.from_numpy(labels).long()
     x = x + 0.5 * torch.randn_like(x)  # make the task less trivial than the class tints
-    model = network.CifarNet("bn")
+    model = models.CifarNet("bn")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     step = steps.EagerStep(model, optimizer, nn.CrossEntropyLoss())
     model.train()
@@ -76,7 +77,7 @@ def test_one_small_batch_can_be_overfit():
 
 
 def test_non_finite_loss_names_the_batch(dataset):
-    model = network.CifarNet("gn")
+    model = models.CifarNet("gn")
     loader = data.DeviceLoader(dataset["train_images"], dataset["train_labels"], batch_size=100)
     calls = []
 
@@ -93,11 +94,11 @@ def test_non_finite_loss_names_the_batch(dataset):
 def test_diverging_fit_names_epoch_and_batch_and_keeps_last_good_checkpoint(dataset, tmp_path):
     path = tmp_path / "ckpt.pt"
     fit(dataset, recipe=small_recipe(epochs=1), checkpoint_path=path)
-    good = engine.load_torch(path)
+    good = checkpoints.load_torch(path)
     with pytest.raises(utils.NonFiniteLossError, match=r"epoch 1, batch \d+"):
-        fit(dataset, recipe=small_recipe(lr=1e30, epochs=1), checkpoint_path=tmp_path / "other.pt")
+        fit(dataset, recipe=small_recipe(lr_per_32=1e5, epochs=1), checkpoint_path=tmp_path / "other.pt")
     assert not (tmp_path / "other.pt").exists()
-    assert engine.load_torch(path)["history"] == good["history"]
+    assert checkpoints.load_torch(path)["history"] == good["history"]
 
 
 @pytest.mark.parametrize("graph_mode", [False, True])
@@ -105,11 +106,11 @@ def test_history_records_the_learning_rate_at_the_start_of_each_epoch(dataset, m
     if graph_mode:
         # CUDA-graph mode keeps the learning rate in a tensor that the scheduler fills in place;
         # on the CPU, run it with eager steps to check the history reads it at the right time.
-        monkeypatch.setattr(engine, "make_step", lambda model, optimizer, criterion, runtime:
+        monkeypatch.setattr(fit_lib, "make_step", lambda model, optimizer, criterion, runtime:
                             steps.EagerStep(model, optimizer, criterion))
     recipe = small_recipe(epochs=3)
     _, history = fit(dataset, recipe=recipe, runtime={"cuda_graph": graph_mode})
-    assert history["lr"][0] == pytest.approx(recipe["lr"] / recipe["div_factor"])
+    assert history["lr"][0] == pytest.approx(recipe_lib.peak_lr(recipe) / recipe["div_factor"])
     assert history["lr"][0] < history["lr"][1] and all(isinstance(lr, float) for lr in history["lr"])
 
 
@@ -146,22 +147,23 @@ def test_interrupted_run_resumes_to_the_same_history(dataset, tmp_path, monkeypa
     with pytest.raises(_Interrupt):
         fit(dataset, norm="gn", recipe=recipe, seed=3, checkpoint_path=path)
     monkeypatch.setattr(steps.EagerStep, "__call__", real_step)
-    assert engine.load_torch(path)["epoch"] == 1  # the last complete epoch survived
+    assert checkpoints.load_torch(path)["epoch"] == 1  # the last complete epoch survived
 
     model, resumed = fit(dataset, norm="gn", recipe=recipe, seed=3, checkpoint_path=path, resume=True)
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert resumed[key] == clean[key], key
-    assert engine.load_torch(path)["epoch"] == 3
+    assert checkpoints.load_torch(path)["epoch"] == 3
 
 
 def test_checkpoint_holds_everything_needed_to_resume(dataset, tmp_path):
     path = tmp_path / "ckpt.pt"
     model, _ = fit(dataset, recipe=small_recipe(epochs=1), checkpoint_path=path)
-    state = engine.load_torch(path)
-    assert set(state) == {"format", "config", "epoch", "model", "optimizer", "scheduler", "rng", "history"}
+    state = checkpoints.load_torch(path)
+    assert set(state) == {"format", "run", "epoch", "model", "optimizer", "scheduler", "rng", "history"}
     assert set(state["rng"]) >= {"cpu", "loader"}
-    assert state["config"]["norm"] == "bn" and state["epoch"] == 1
-    fresh = engine.load_weights(network.CifarNet("bn"), path)
+    assert state["run"]["norm"] == "bn" and state["epoch"] == 1
+    assert state["run"]["data"] == data.fingerprint(dataset)
+    fresh = checkpoints.load_weights(models.CifarNet("bn"), path)
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -169,14 +171,14 @@ def test_checkpoint_holds_everything_needed_to_resume(dataset, tmp_path):
 def test_resume_refuses_another_variant_or_recipe(dataset, tmp_path):
     path = tmp_path / "ckpt.pt"
     fit(dataset, recipe=small_recipe(epochs=1), checkpoint_path=path)
-    with pytest.raises(engine.CheckpointError, match="another run .*norm='bn'.*norm='gn'"):
+    with pytest.raises(checkpoints.CheckpointError, match="another run .*norm: 'bn' vs 'gn'"):
         fit(dataset, norm="gn", recipe=small_recipe("gn", epochs=1), checkpoint_path=path, resume=True)
-    with pytest.raises(engine.CheckpointError, match=r"another run \(its recipe differs in lr: 0.05 vs 0.01\)"):
-        fit(dataset, recipe=small_recipe(epochs=1, lr=0.01), checkpoint_path=path, resume=True)
+    with pytest.raises(checkpoints.CheckpointError, match=r"another run \(it differs in recipe.lr_per_32: 0.032 vs 0.01\)"):
+        fit(dataset, recipe=small_recipe(epochs=1, lr_per_32=0.01), checkpoint_path=path, resume=True)
 
 
 def test_resume_without_checkpoint(dataset, tmp_path):
-    with pytest.raises(engine.CheckpointError, match="no such checkpoint"):
+    with pytest.raises(checkpoints.CheckpointError, match="no such checkpoint"):
         fit(dataset, checkpoint_path=tmp_path / "missing.pt", resume=True)
 
 
@@ -188,31 +190,31 @@ class _Payload:
 def test_checkpoint_with_a_malicious_pickle_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"model": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(engine.CheckpointError, match="evil.pt: corrupt, truncated or unsafe file, refused"):
-        engine.load_weights(network.CifarNet("bn"), tmp_path / "evil.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="evil.pt: corrupt, truncated or unsafe file, refused"):
+        checkpoints.load_weights(models.CifarNet("bn"), tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
 
 
 def test_truncated_or_mismatched_weights_are_refused(tmp_path):
     path = tmp_path / "weights.pt"
-    engine.save_torch(path, network.CifarNet("bn").state_dict())
-    with pytest.raises(engine.CheckpointError, match="do not fit this model"):
-        engine.load_weights(network.CifarNet("gn"), path)  # GroupNorm has no running stats
+    checkpoints.save_torch(path, models.CifarNet("bn").state_dict())
+    with pytest.raises(checkpoints.CheckpointError, match="do not fit this model"):
+        checkpoints.load_weights(models.CifarNet("gn"), path)  # GroupNorm has no running stats
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(engine.CheckpointError, match="corrupt, truncated or unsafe"):
-        engine.load_weights(network.CifarNet("bn"), path)
+    with pytest.raises(checkpoints.CheckpointError, match="corrupt, truncated or unsafe"):
+        checkpoints.load_weights(models.CifarNet("bn"), path)
 
 
 def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
     path = tmp_path / "results.json"
-    engine.write_json(path, {"ok": 1})
+    checkpoints.write_json(path, {"ok": 1})
 
     def half_then_die(f):
         f.write(b'{"half":')
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        engine.atomic_write(path, half_then_die)
+        checkpoints.atomic_write(path, half_then_die)
     assert path.read_text() == '{\n  "ok": 1\n}\n'
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
 
@@ -220,34 +222,34 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
 def test_schedule_matches_pytorch_one_cycle_on_the_real_run():
     recipe = recipe_lib.recipe_for("bn")
     steps_per_epoch = 98  # 50,000 images at 512
-    ours = recipe_lib.make_scheduler(recipe_lib.make_optimizer(network.CifarNet("bn"), recipe),
+    ours = recipe_lib.make_scheduler(recipe_lib.make_optimizer(models.CifarNet("bn"), recipe),
                                      recipe, steps_per_epoch=steps_per_epoch)
-    theirs_optimizer = torch.optim.SGD(network.CifarNet("bn").parameters(), lr=recipe["lr"])
+    theirs_optimizer = torch.optim.SGD(models.CifarNet("bn").parameters(), lr=recipe_lib.peak_lr(recipe))
     theirs = torch.optim.lr_scheduler.OneCycleLR(
-        theirs_optimizer, max_lr=recipe["lr"], epochs=recipe["epochs"], steps_per_epoch=steps_per_epoch,
+        theirs_optimizer, max_lr=recipe_lib.peak_lr(recipe), epochs=recipe["epochs"], steps_per_epoch=steps_per_epoch,
         pct_start=recipe["pct_start"], div_factor=recipe["div_factor"],
         final_div_factor=recipe["final_div_factor"], anneal_strategy="linear", cycle_momentum=False)
     for _ in range(recipe["epochs"] * steps_per_epoch - 1):
         assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], rel=1e-12, abs=1e-15)
         ours.optimizer.step(), ours.step(), theirs_optimizer.step(), theirs.step()
-    assert ours.get_last_lr()[0] == pytest.approx(recipe["lr"] / 10 / 100)
+    assert ours.get_last_lr()[0] == pytest.approx(0.2 / 10 / 100)
 
 
 @pytest.mark.parametrize("epochs, steps_per_epoch", [(1, 1), (1, 2), (2, 2), (3, 2), (4, 1)])
 def test_schedule_survives_runs_of_a_few_steps(epochs, steps_per_epoch):
     recipe = recipe_lib.recipe_for("bn", epochs=epochs)
-    optimizer = recipe_lib.make_optimizer(network.CifarNet("bn"), recipe)
+    optimizer = recipe_lib.make_optimizer(models.CifarNet("bn"), recipe)
     scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=steps_per_epoch)
     lrs = [scheduler.get_last_lr()[0]]
     for _ in range(epochs * steps_per_epoch):
         optimizer.step()
         scheduler.step()
         lrs.append(scheduler.get_last_lr()[0])
-    assert all(0 < lr <= recipe["lr"] for lr in lrs)
+    assert all(0 < lr <= recipe_lib.peak_lr(recipe) for lr in lrs)
 
 
 def test_recipe_rejects_unknown_keys_and_norms():
-    with pytest.raises(ValueError, match="unknown recipe keys: learning_rate"):
+    with pytest.raises(ValueError, match="unknown recipe key 'learning_rate'"):
         recipe_lib.recipe_for("bn", learning_rate=0.1)
     with pytest.raises(ValueError, match="unknown norm"):
         recipe_lib.recipe_for("xn")
@@ -269,10 +271,11 @@ def test_a_run_imports_neither_dynamo_nor_matplotlib():
     import sys
     from pathlib import Path
     script = (
-        "import sys, data, engine, network, recipe\n"
+        "import sys\n"
+        "from normstudy import data, fit, models, recipe\n"
         "ds = data.load_synthetic_cifar10(n_train=128, n_test=32)\n"
         "rc = recipe.recipe_for('bn', epochs=1, batch_size=64)\n"
-        "engine.fit(network.CifarNet('bn'), ds, norm='bn', recipe=rc, progress=False, log=print)\n"
+        "fit.fit(models.CifarNet('bn'), ds, norm='bn', recipe=rc, progress=False, log=print)\n"
         "print(sorted(m for m in ('torch._dynamo', 'matplotlib') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
@@ -289,7 +292,7 @@ def test_compiled_step_compiles_once_and_only_for_the_first_batch_size(monkeypat
         return lambda images: compiled_calls.append(len(images)) or model(images)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    model = network.CifarNet("gn")
+    model = models.CifarNet("gn")
     optimizer = recipe_lib.make_optimizer(model, recipe_lib.recipe_for("gn"))
     step = steps.EagerStep(model, optimizer, nn.CrossEntropyLoss(), compile=True)
     images, labels = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
@@ -302,13 +305,14 @@ def test_compiled_step_compiles_once_and_only_for_the_first_batch_size(monkeypat
 @pytest.mark.parametrize("capability, amp", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), None)])
 def test_bf16_only_on_gpus_whose_cudnn_has_bf16_convolutions(monkeypatch, capability, amp):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    runtime = engine.default_runtime(torch.device("cuda"), "gn")
+    runtime = runtime_lib.runtime_for(torch.device("cuda"), norm="gn")
     assert runtime["amp"] == amp and runtime["cuda_graph"] and not runtime["compile"]
-    assert engine.default_runtime("cpu", "bn") == {"amp": None, "cuda_graph": False, "channels_last": False,
-                                                   "cudnn_benchmark": False, "compile": False, "fused_norm": False}
+    assert runtime_lib.runtime_for("cpu", norm="bn") == {
+        "amp": None, "cuda_graph": False, "channels_last": False, "cudnn_benchmark": False, "compile": False,
+        "triton_kernels": False}
 
 
 def test_compile_by_mode_name_turns_channels_last_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    runtime = engine.resolve_runtime(torch.device("cuda"), "gn", {"compile": "max-autotune-no-cudagraphs"})
+    runtime = fit_lib.resolve_runtime(torch.device("cuda"), "gn", {"compile": "max-autotune-no-cudagraphs"})
     assert runtime["channels_last"] is True and runtime["compile"] == "max-autotune-no-cudagraphs"

@@ -3,8 +3,8 @@
 :func:`relu_norm` (ReLU then BatchNorm or GroupNorm, plus a skip connection's add, as one
 operation), :func:`max_pool` (2x2, stride 2), :func:`conv2d` (the first layer's 3x3
 convolution of 3 channels, which cuDNN has no fast kernel for) and :func:`precompile` (compile
-all of a model's kernels at once, in parallel). ``network.use_fused_kernels`` switches a model
-to them; ``engine.default_runtime`` does so on CUDA. Measured effect: ``benchmarks/NOTES.md``.
+all of a model's kernels at once, in parallel). ``models.use_triton_kernels`` switches a model
+to them; ``runtime.runtime_for`` does so on CUDA. Measured effect: ``benchmarks/NOTES.md``.
 
 Every block of the network computes ``norm(relu(conv(x)))``. Done by PyTorch, that is a ReLU
 kernel, then BatchNorm's statistics, its normalization, and as many kernels again backwards,

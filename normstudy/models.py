@@ -13,12 +13,15 @@ and W) and ``"gn"`` (GroupNorm with ``groups`` groups). ``model_bn``, ``model_ln
 ``model_gn`` are named variants of :class:`CifarNet`.
 
 The forward pass returns raw logits; pair it with ``nn.CrossEntropyLoss``.
+:func:`fresh_model` builds the network a run starts from (seeded, then the recipe's
+initialization).
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-NORMS = ("bn", "ln", "gn")
+from . import recipe as recipe_lib
+from .config import NORMS
 
 
 class GroupNorm(nn.GroupNorm):
@@ -60,8 +63,8 @@ def make_norm(norm, channels, *, groups=2, bn_momentum=0.1):
 class ConvBlock(nn.Sequential):
     """Conv 3x3 (no bias) -> ReLU -> Norm -> Dropout, the seed's block order.
 
-    With ``fused`` set (see :func:`use_fused_kernels`), ReLU and Norm run as one fused Triton
-    operation (:mod:`kernels`) on the tensors it supports, and so does the first block's
+    With ``fused`` set (see :func:`use_triton_kernels`), ReLU and Norm run as one fused Triton
+    operation (:mod:`normstudy.fast.kernels`) on the tensors it supports, and so does the first block's
     3-channel convolution: same parameters, same buffers, same results up to rounding, a
     fraction of the memory traffic. Unsupported tensors (the CPU, say) take the modules' path.
     """
@@ -82,7 +85,7 @@ class ConvBlock(nn.Sequential):
         if not self.fused:
             out = super().forward(x)
             return out if residual is None else residual + out
-        import kernels  # imports Triton: only when asked for
+        from .fast import kernels  # imports Triton: only when asked for
         conv, _, norm, dropout = self
         x = kernels.conv2d(x, conv)
         if dropout.p and dropout.training:  # dropout sits between the norm and the sum
@@ -92,19 +95,20 @@ class ConvBlock(nn.Sequential):
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that with ``fused`` set runs on :mod:`kernels`' channels_last kernels."""
+    """``nn.MaxPool2d`` that with ``fused`` set runs on the channels_last Triton kernels."""
 
     fused = False
 
     def forward(self, x):
         if not self.fused:
             return super().forward(x)
-        import kernels
+        from .fast import kernels
         return kernels.max_pool(x, self)
 
 
-def use_fused_kernels(model, enabled=True):
-    """Switch ``model``'s blocks and poolings to the Triton kernels of :mod:`kernels` (or back)."""
+def use_triton_kernels(model, enabled=True):
+    """Switch ``model``'s blocks and poolings to the Triton kernels of :mod:`normstudy.fast.kernels`
+    (fused ReLU + norm with the residual add, 2x2 max-pool, the first 3-channel conv) or back."""
     for module in model.modules():
         if isinstance(module, (ConvBlock, MaxPool2d)):
             module.fused = enabled
@@ -144,3 +148,12 @@ class CifarNet(nn.Module):
         x = self.c9(self.c8(self.c7(x)))
         x = self.c10(self.gap(x))
         return x.flatten(1)
+
+
+def fresh_model(norm, recipe, *, train_images, seed):
+    """The network a run starts from: ``norm``'s variant built under ``seed`` (so its random
+    initialization follows the seed), then the recipe's own initialization (the whitening of the
+    first conv computed from ``train_images``)."""
+    torch.manual_seed(seed)
+    model = CifarNet(norm, **recipe_lib.model_kwargs(recipe))
+    return recipe_lib.initialize(model, recipe, train_images)

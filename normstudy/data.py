@@ -12,6 +12,7 @@
 - :func:`write_synthetic_cifar10` writes small learnable fake data in the same file format, for
   tests and smoke runs.
 """
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -104,7 +105,7 @@ def find_or_download(data_dir, *, download=True):
         raise DatasetError(
             f"{folder} not found and the download failed ({type(err).__name__}: {err}). "
             "Without a network, copy the extracted 'CIFAR-10 python version' folder "
-            f"cifar-10-batches-py into {Path(data_dir).resolve()} (or pass --data-dir)") from None
+            f"cifar-10-batches-py into {Path(data_dir).resolve()} (or point --data-dir / DATA_DIR at it)") from None
     if not folder.is_dir():
         raise DatasetError(f"the download did not create {folder}")
     return folder
@@ -123,6 +124,19 @@ def load_cifar10(data_dir="./data", *, download=True):
         "test_labels": test_labels,
         "classes": CLASSES,
     }
+
+
+def fingerprint(dataset):
+    """Sizes and a checksum of ``dataset``'s images and labels: what a checkpoint records, so that a
+    run is never resumed on other data (another folder, synthetic data, another holdout)."""
+    digest = hashlib.sha1()
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        tensor = dataset[key]
+        digest.update(repr(tuple(tensor.shape)).encode())
+        # Labels in full; images by a strided sample (hashing 150 MB would cost ~0.3 s a run).
+        sample = tensor if key.endswith("labels") else tensor.reshape(len(tensor), -1)[:, ::97]
+        digest.update(sample.contiguous().cpu().numpy().tobytes())
+    return {"train": len(dataset["train_labels"]), "test": len(dataset["test_labels"]), "sha1": digest.hexdigest()}
 
 
 def holdout_split(dataset, n, *, seed=0):

@@ -1,0 +1,20 @@
+"""A study of normalization layers (BatchNorm, LayerNorm, GroupNorm) on one small CIFAR-10 CNN.
+
+One module per concern, each importing only from the ones listed before it:
+
+    config      RunConfig: a run as a value, its id and its recipe
+    recipe      the hyper-parameters (units, types, ranges), optimizer, schedule, initialization
+    data        CIFAR-10 files, checks, device-side augmentation, synthetic data
+    fast        the fast path: Triton kernels, CUDA-graph steps, SGD without torch.optim
+    models      the one network, parametrized by its norm
+    runtime     the device and how a run executes (presets fast / fp32 / eager)
+    loop        train() and test() for one epoch
+    checkpoints atomic files, checkpoints, safe loading
+    plots       the figures
+    fit         set-up and the epoch loop of one model
+    run         run_one(config, out) -> record: the one unit of work
+    report      summaries and tables over records
+    cli         the command line of train.py
+
+Start with :func:`normstudy.run.run_one` and :class:`normstudy.config.RunConfig`.
+"""

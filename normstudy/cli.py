@@ -1,0 +1,178 @@
+"""The command line of ``train.py``: arguments to run configurations, then :func:`run.run_one`
+for each, then a summary of every finished run under ``--out``.
+
+Bad input ends with one line on stderr and exit 2; a diverged run with exit 3; Ctrl-C or SIGTERM
+with exit 130 or 143, every completed epoch kept in the run's checkpoint.
+"""
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from . import checkpoints
+from . import data as data_lib
+from . import loop
+from . import recipe as recipe_lib
+from . import report
+from . import run as run_lib
+from . import runtime as runtime_lib
+from .config import NORMS, RunConfig
+
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 130, 143
+DESCRIPTION = "Train the study's CNN on CIFAR-10 with BatchNorm, LayerNorm and/or GroupNorm."
+EPILOG = f"""\
+Each run writes OUT/<run id>/ (config.json, checkpoint.pt, record.json, weights.pt, curves.png,
+misclassified.png), e.g. OUT/gn-g2-b512-e20-s0/; then OUT/summary.json, OUT/results.md and
+OUT/comparison.png over every finished run in OUT. A finished run is never trained again.
+The peak learning rate follows the batch: lr_per_32 * batch_size / 32 (lr_per_32 =
+{recipe_lib.RECIPE['lr_per_32']}, so {recipe_lib.RECIPE['lr_per_32'] * 16:g} at batch 512).
+Recipe keys for --set: {', '.join(recipe_lib.SETTINGS)} (types and ranges: normstudy/recipe.py)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"seed {value} must lie in [0, 2**32)")
+    return value
+
+
+def _setting(text):
+    key, sep, value = text.partition("=")
+    if not sep or key not in recipe_lib.SETTINGS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY one of "
+                                         f"{', '.join(recipe_lib.SETTINGS)}")
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass  # checked below: names the key
+    try:
+        return key, recipe_lib.check_setting(key, value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_args(argv=None):
+    p = _Parser(prog="train.py", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
+    p.add_argument("--norm", choices=(*NORMS, "all"), default="all", help="variant(s) to train (default: all)")
+    p.add_argument("--epochs", type=_positive_int,
+                   help=f"passes over the training set (default: {recipe_lib.RECIPE['epochs']}; --smoke: 1)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help=f"images per step (default: {recipe_lib.RECIPE['batch_size']}); the lr follows it")
+    p.add_argument("--groups", type=_positive_int,
+                   help=f"GroupNorm's groups, a divisor of 32 (default: {recipe_lib.RECIPE['gn_groups']}); "
+                        "GroupNorm runs only")
+    p.add_argument("--seed", type=_seed, nargs="+", default=[0], help="one run per seed (default: 0)")
+    p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set cutout=8 (keys below)")
+    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ (default: ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download the dataset")
+    p.add_argument("--holdout", type=_positive_int, metavar="N",
+                   help="evaluate on N held-out training images instead of the test set (recipe search)")
+    p.add_argument("--out", help="folder that receives one folder per run and the summary "
+                                 "(default: runs, or runs/smoke with --smoke)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
+    p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
+                   help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    p.add_argument("--restart", action="store_true", help="start interrupted runs over, discarding their checkpoints")
+    p.add_argument("--smoke", "--dry-run", action="store_true",
+                   help="a seconds-long run on small synthetic data (accuracy at chance level is expected)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def configs_from_args(args):
+    """One :class:`RunConfig` per variant and seed (seeds in order, duplicates dropped)."""
+    norms = NORMS if args.norm == "all" else (args.norm,)
+    if args.groups is not None and "gn" not in norms:
+        raise ValueError(f"--groups applies to GroupNorm only (--norm gn or all), not to --norm {args.norm}")
+    epochs = args.epochs if args.epochs is not None else (1 if args.smoke else None)
+    seeds = list(dict.fromkeys(args.seed))
+    return [RunConfig(norm=norm, seed=seed, batch_size=args.batch_size, epochs=epochs,
+                      groups=args.groups if norm == "gn" else None, overrides=tuple(args.set),
+                      data="synthetic" if args.smoke else "cifar10", holdout=args.holdout or 0)
+            for norm in norms for seed in seeds]
+
+
+def _terminate(signum, frame):
+    raise SystemExit(EXIT_TERMINATED)  # unwinds like Ctrl-C: temporary files removed, checkpoint kept
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or ("runs/smoke" if args.smoke else "runs"))
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args.resume and args.restart:
+            raise ValueError("--resume and --restart exclude each other")
+        configs = configs_from_args(args)  # bad settings are refused before any data is read
+        device = runtime_lib.pick_device(args.device)
+        _writable_dir(out)
+        if args.resume and not any((out / c.run_id / "checkpoint.pt").exists() for c in configs):
+            raise checkpoints.CheckpointError(f"--resume: no checkpoint under {out} for "
+                                              + ", ".join(c.run_id for c in configs))
+        print(f"device: {runtime_lib.device_name(device)}", flush=True)
+        dataset = None
+        for config in configs:
+            if run_lib.read_record(out / config.run_id) is not None:
+                print(f"{config.run_id}: finished already in {out / config.run_id}, not trained again", flush=True)
+                continue
+            dataset = dataset or run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
+            run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime, resume=args.resume,
+                            restart=args.restart, progress=not args.quiet)
+        print(report.write_summary(out))
+    except FloatingPointError as err:
+        print(f"train.py: diverged: {err}; every earlier epoch is in the run's checkpoint.pt "
+              "(none if it was the first)", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"train.py: interrupted; every completed epoch is saved under {out} "
+              "(run again with --resume to continue)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as stop:
+        if stop.code == EXIT_TERMINATED:
+            print(f"train.py: terminated; every completed epoch is saved under {out} "
+                  "(run again with --resume to continue)", file=sys.stderr)
+        raise
+    except (data_lib.DatasetError, checkpoints.CheckpointError, run_lib.RunFolderError, ValueError, OSError) as err:
+        print(f"train.py: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _one_line(err):
+    text = str(err).strip()
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _writable_dir(path):
+    import tempfile
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write to output folder {path}: {err.strerror or err}") from None
+    return path

@@ -1,0 +1,203 @@
+"""Training one model: the set-up, the epoch loop, the history and a checkpoint after every epoch.
+
+:func:`prepare` is the one set-up code path (device, memory layout, kernels, loaders, optimizer,
+schedule, training step); :func:`fit` and the benchmarks both call it. After every epoch
+:func:`fit` writes a checkpoint (model, optimizer, schedule, RNG states, history) atomically, so a
+run killed at any moment keeps its last complete epoch and ``fit(..., resume=True)`` continues
+from there; on the CPU a resumed run reproduces an uninterrupted one exactly.
+"""
+import dataclasses
+import time
+
+import torch
+from torch import nn
+
+from . import checkpoints
+from . import data as data_lib
+from . import loop
+from . import models
+from . import recipe as recipe_lib
+from . import runtime as runtime_lib
+from .fast import steps
+
+
+def seed_everything(seed):
+    """Seed every generator this package draws from (torch on CPU and CUDA). Call it before
+    building the model, so that its initialization follows the seed too."""
+    torch.manual_seed(seed)
+
+
+def resolve_runtime(device, norm, runtime=None):
+    """``runtime`` as a full dict: ``None`` (the ``fast`` preset), a preset name, or a dict of
+    overrides of the ``fast`` preset (see :func:`runtime.runtime_for`)."""
+    if runtime is None or isinstance(runtime, str):
+        return runtime_lib.runtime_for(device, runtime or "fast", norm=norm)
+    return runtime_lib.runtime_for(device, "fast", norm=norm, **runtime)
+
+
+def prepare_model(model, device, runtime):
+    """Move ``model`` to ``device`` in the runtime's memory layout, with or without Triton kernels."""
+    models.use_triton_kernels(model, runtime["triton_kernels"])
+    return model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
+
+
+def compile_kernels(model, device, runtime, *, image_shape):
+    """With the Triton kernels, compile them all now, in parallel (``kernels.precompile``), rather
+    than one by one during the first epoch. ``image_shape`` is one image's (C, H, W)."""
+    if not runtime["triton_kernels"]:
+        return
+    from .fast import kernels
+    example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    kernels.precompile(model, example, dtype=runtime_lib.AMP_DTYPES[runtime["amp"]])
+
+
+def make_loaders(dataset, *, recipe, device, seed):
+    """Training and test loaders over ``dataset`` (as :func:`data.load_cifar10` returns it)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    train_loader = data_lib.DeviceLoader(
+        dataset["train_images"], dataset["train_labels"], batch_size=recipe["batch_size"], train=True,
+        device=device, augment_kwargs=recipe_lib.augment_kwargs(recipe), generator=generator)
+    return train_loader, data_lib.test_loader(dataset, device=device)
+
+
+def make_step(model, optimizer, criterion, runtime):
+    """The training step that ``runtime`` asks for (see :mod:`normstudy.fast.steps`)."""
+    kind = steps.CudaGraphStep if runtime["cuda_graph"] else steps.EagerStep
+    return kind(model, optimizer, criterion, amp_dtype=runtime_lib.AMP_DTYPES[runtime["amp"]],
+                channels_last=runtime["channels_last"], compile=runtime["compile"])
+
+
+@dataclasses.dataclass
+class Training:
+    """Everything one run trains with, as :func:`prepare` built it."""
+    model: nn.Module
+    device: torch.device
+    runtime: dict
+    recipe: dict
+    train_loader: data_lib.DeviceLoader
+    test_loader: data_lib.DeviceLoader
+    optimizer: object
+    scheduler: object
+    criterion: nn.Module
+    step: object = None
+
+    @property
+    def amp_dtype(self):
+        return runtime_lib.AMP_DTYPES[self.runtime["amp"]]
+
+    def make_step(self):
+        """The training step; under CUDA graphs the learning rate becomes a device tensor first
+        (a graph reads it from a fixed tensor, which the schedule fills in place)."""
+        if self.runtime["cuda_graph"]:
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+        self.step = make_step(self.model, self.optimizer, self.criterion, self.runtime)
+        return self.step
+
+
+def prepare(model, dataset, *, recipe, device, seed, runtime=None, norm=None, on_stage=None):
+    """Set up ``model`` (freshly built, see :func:`models.fresh_model`) for training on ``dataset``:
+    device and layout, compiled kernels, loaders, optimizer, schedule and loss. ``on_stage(name)``
+    is called after each stage (the start-up benchmark times them). The step itself is made by
+    :meth:`Training.make_step`, after a resume has loaded the optimizer's state."""
+    on_stage = on_stage or (lambda name: None)
+    device = torch.device(device)
+    runtime = resolve_runtime(device, norm or getattr(model, "norm", None), runtime)
+    seed_everything(seed)
+    torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
+    prepare_model(model, device, runtime)
+    on_stage("to_device")
+    if runtime["triton_kernels"]:
+        compile_kernels(model, device, runtime, image_shape=dataset["train_images"].shape[1:])
+        on_stage("compile_triton_kernels")
+    train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
+    on_stage("loaders")
+    optimizer = recipe_lib.make_optimizer(model, recipe)
+    scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    return Training(model=model, device=device, runtime=runtime, recipe=recipe, train_loader=train_loader,
+                    test_loader=test_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion)
+
+
+def new_history():
+    """Per-epoch lists, one entry per completed epoch."""
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
+    return {key: [] for key in keys}
+
+
+def run_identity(*, norm, seed, recipe, dataset):
+    """What a checkpoint must match to be resumed: the variant, the seed, every recipe value
+    and the data it was trained and evaluated on (sizes and a checksum, :func:`data.fingerprint`)."""
+    return {"norm": norm, "seed": seed, "data": data_lib.fingerprint(dataset),
+            **{f"recipe.{key}": value for key, value in recipe.items()}}
+
+
+def check_finite_state(model, epoch):
+    """Raise :class:`loop.NonFiniteStateError` if a parameter or buffer (e.g. BatchNorm's running
+    variance) is NaN or infinite: the loss can stay finite while they diverge."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise loop.NonFiniteStateError(name, epoch)
+
+
+def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, runtime=None, checkpoint_path=None,
+        resume=False, progress=True, log=print):
+    """Train ``model`` for ``recipe["epochs"]`` epochs, testing after each; return the history.
+
+    ``model`` is trained as given: build it with :func:`models.fresh_model` (seeded, whitening
+    initialization) or load weights into it first. ``norm`` names the variant (stored in the
+    checkpoint, so a resume cannot mix variants). ``runtime``: see :func:`resolve_runtime`.
+    With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
+    continues from it. ``log`` receives one line per epoch.
+    """
+    recipe = recipe or recipe_lib.recipe_for(norm)
+    training = prepare(model, dataset, recipe=recipe, device=device, seed=seed, runtime=runtime, norm=norm)
+    identity = run_identity(norm=norm, seed=seed, recipe=recipe, dataset=dataset)
+    history = new_history()
+    if resume:
+        state = checkpoints.load_torch(checkpoint_path)
+        checkpoints.check_resumable(state, checkpoint_path, identity)
+        history = _restore(training, state, checkpoint_path)
+        log(f"{norm}: resumed from {checkpoint_path} after epoch {state['epoch']}")
+    step = training.make_step()
+    device, optimizer = training.device, training.optimizer
+
+    for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
+        start = time.perf_counter()
+        lr = float(optimizer.param_groups[0]["lr"])  # a tensor under CUDA graphs: read it now
+        try:
+            train_loss, train_acc = loop.train(model, device, training.train_loader, optimizer, training.criterion,
+                                               training.scheduler, progress=progress,
+                                               desc=f"{norm} epoch {epoch}", step=step)
+        except loop.NonFiniteLossError as err:
+            raise loop.NonFiniteLossError(err.batch, epoch) from None
+        check_finite_state(model, epoch)
+        test_loss, test_acc = loop.test(model, device, training.test_loader, training.criterion,
+                                        amp_dtype=training.amp_dtype)
+        seconds = time.perf_counter() - start
+        for key, value in zip(new_history(), (train_loss, train_acc, test_loss, test_acc, lr, seconds)):
+            history[key].append(value)
+        if checkpoint_path is not None:
+            checkpoints.save_torch(checkpoint_path, checkpoints.make_checkpoint(
+                model=model, optimizer=optimizer, scheduler=training.scheduler,
+                generator=training.train_loader.generator, history=history, run=identity))
+        log(f"{norm} epoch {epoch:2d}/{recipe['epochs']}  train loss {train_loss:.4f} acc {train_acc:5.2f}%  "
+            f"test loss {test_loss:.4f} acc {test_acc:5.2f}%  ({seconds:.2f} s)")
+    return history
+
+
+def _restore(training, state, path):
+    """Load a checkpoint's model, optimizer, schedule and RNG states; return its history. A
+    checkpoint of the right format but the wrong structure is refused with one line."""
+    try:
+        training.model.load_state_dict(state["model"])
+        training.optimizer.load_state_dict(state["optimizer"])
+        training.scheduler.load_state_dict(state["scheduler"])
+        checkpoints.set_rng_state(state["rng"], training.train_loader.generator)
+        history = state["history"]
+        if set(history) != set(new_history()) or len({len(v) for v in history.values()}) != 1:
+            raise ValueError("its history is incomplete")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise checkpoints.CheckpointError(f"{path}: damaged checkpoint, refused ({reason})") from None
+    return history

@@ -1,0 +1,105 @@
+"""The figures of the study, as functions that return a matplotlib figure (nothing is shown or
+saved here: notebooks display them, :func:`checkpoints.save_figure` writes them).
+
+matplotlib is imported on first use: a training run draws nothing until it ends, and the import
+adds ~0.5 s to every start-up.
+"""
+import torch
+
+from . import data as data_lib
+from . import loop
+
+
+def loss_accuracy_curves(train_losses, train_acc, test_losses, test_acc, *, title=None):
+    """Train and test loss and accuracy per epoch in a 2x2 grid; returns the figure."""
+    import matplotlib.pyplot as plt  # imported on first use: it adds ~0.5 s to every start-up
+    fig, axs = plt.subplots(2, 2, figsize=(12, 8))
+    epochs = range(1, len(train_losses) + 1)
+    panels = [(axs[0, 0], train_losses, "Training loss"), (axs[1, 0], train_acc, "Training accuracy (%)"),
+              (axs[0, 1], test_losses, "Test loss"), (axs[1, 1], test_acc, "Test accuracy (%)")]
+    for ax, values, name in panels:
+        ax.plot(epochs, values, marker=".")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _image_grid(images, titles, *, rows, cols, figsize, title=None):
+    """uint8 ``(3, H, W)`` images shown as stored, one per cell, row by row; empty cells hidden."""
+    import matplotlib.pyplot as plt  # imported on first use: it adds ~0.5 s to every start-up
+    fig, axs = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
+    for i, ax in enumerate(axs.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+            ax.set_title(titles[i], fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_images(images, labels, classes, *, n=10, title=None):
+    """The first ``n`` uint8 images with their class names, in a 2-row grid; returns the figure."""
+    n = min(n, len(images))
+    cols = -(-n // 2)
+    return _image_grid(images[:n], [classes[int(label)] for label in labels[:n]], rows=2, cols=cols,
+                       figsize=(2 * cols, 4.6), title=title)
+
+
+def find_misclassified(model, device, loader, *, n=10):
+    """Indices (into the loader's images), true labels and predictions of ``n`` misclassified
+    images: the first mistake of each true class in turn, so the gallery spans the classes even
+    when the test set is stored sorted by class."""
+    logits, labels = loop.predict(model, device, loader)
+    predicted = logits.argmax(dim=1)
+    wrong = (predicted != labels).nonzero().flatten().cpu()
+    wrong_labels = labels.cpu()[wrong]
+    # Rank each mistake within its class (0 = first of its class), then take rank 0s, rank 1s, ...
+    rank = torch.zeros_like(wrong)
+    for label in wrong_labels.unique():
+        members = wrong_labels == label
+        rank[members] = torch.arange(int(members.sum()))
+    chosen = wrong[torch.argsort(rank * len(labels) + wrong)[:n]]
+    return chosen, labels.cpu()[chosen], predicted.cpu()[chosen]
+
+
+def plot_misclassified(images, true_labels, predicted, classes, *, title=None):
+    """Misclassified uint8 images (as stored, so un-normalized) in a 5x2 grid titled
+    ``true / predicted``; returns the figure."""
+    titles = [f"true: {classes[int(t)]}\npredicted: {classes[int(p)]}" for t, p in zip(true_labels, predicted)]
+    return _image_grid(images, titles, rows=5, cols=2, figsize=(5, 13), title=title)
+
+
+def show_misclassified(model, device, dataset, *, n=10, title=None):
+    """``n`` misclassified test images of ``dataset`` (as :func:`data.load_cifar10` returns it,
+    chosen by :func:`find_misclassified`) in a 5x2 grid; returns the figure."""
+    index, truth, predicted = find_misclassified(model, device, data_lib.test_loader(dataset, device=device), n=n)
+    return plot_misclassified(dataset["test_images"][index], truth, predicted, dataset["classes"], title=title)
+
+
+def plot_comparison(histories, *, title="BatchNorm vs LayerNorm vs GroupNorm"):
+    """Test accuracy, test loss, training accuracy and training loss per epoch of several runs,
+    one line each.
+
+    ``histories`` maps a label (e.g. ``"BN"``) to a history dict with ``train_loss``,
+    ``train_acc``, ``test_loss`` and ``test_acc`` lists; returns the figure.
+    """
+    import matplotlib.pyplot as plt  # imported on first use: it adds ~0.5 s to every start-up
+    fig, axs = plt.subplots(2, 2, figsize=(13, 8))
+    panels = [("test_acc", "Test accuracy (%)"), ("test_loss", "Test loss"), ("train_acc", "Training accuracy (%)"),
+              ("train_loss", "Training loss")]
+    for ax, (key, name) in zip(axs.flat, panels):
+        for label, history in histories.items():
+            ax.plot(range(1, len(history[key]) + 1), history[key], marker=".", label=label)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,176 @@
+"""The one unit of work: :func:`run_one` takes a :class:`~normstudy.config.RunConfig` and returns
+its record, plain JSON-able data (the config, the recipe, the history, the final figures), so a
+worker on another machine can return it as it is.
+
+A run owns the folder ``OUT/<run id>/``:
+
+    config.json       the configuration, written first (the folder is claimed by it)
+    checkpoint.pt     the last complete epoch (resume from it)
+    record.json       the record, written last: a folder with one is finished and never redone
+    weights.pt        the trained model's state_dict
+    curves.png        loss and accuracy per epoch
+    misclassified.png ten misclassified test images
+
+A folder whose configuration differs from the run's is refused (no two configurations ever share
+one); a folder another process is training in is refused, naming that process; an interrupted
+run is continued only with ``resume=True`` and started over only with ``restart=True``.
+"""
+import contextlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoints
+from . import data as data_lib
+from . import fit as fit_lib
+from . import loop
+from . import models
+from . import plots
+from . import runtime as runtime_lib
+from .config import RunConfig
+
+
+class RunFolderError(ValueError):
+    """A run folder belongs to another configuration, is in use, or holds an interrupted run."""
+
+
+def load_data(config, *, data_dir="./data", download=True):
+    """The dataset ``config`` trains on: CIFAR-10 from ``data_dir`` (or small synthetic data), with
+    ``config.holdout`` training images held out as its test set when asked."""
+    if config.data == "synthetic":
+        dataset = data_lib.load_synthetic_cifar10()
+    else:
+        dataset = data_lib.load_cifar10(data_dir, download=download)
+    return data_lib.holdout_split(dataset, config.holdout) if config.holdout else dataset
+
+
+def read_record(run_dir):
+    """The finished record in ``run_dir``, or ``None`` if the run has not finished there."""
+    path = Path(run_dir) / "record.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path}: unreadable record ({err}); move the folder away to rerun") from None
+
+
+def summary_figures(history):
+    """The final figures of one history: last, mean and worst of the last 3 epochs, best epoch,
+    last training accuracy, steady seconds per epoch (the median: the first carries warm-up)."""
+    last3 = history["test_acc"][-3:]
+    return {"test_acc": history["test_acc"][-1], "test_acc_last3_mean": statistics.mean(last3),
+            "test_acc_last3_min": min(last3), "test_acc_best": max(history["test_acc"]),
+            "train_acc": history["train_acc"][-1], "train_loss": history["train_loss"][-1],
+            "seconds_per_epoch": statistics.median(history["epoch_seconds"])}
+
+
+@contextlib.contextmanager
+def folder_lock(run_dir):
+    """Hold ``run_dir/.lock`` while training; a second process gets :class:`RunFolderError` naming
+    the one holding it. (No-op where ``fcntl`` is missing, i.e. on Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunFolderError(f"{run_dir} is in use by {holder}; wait for it or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
+def claim_folder(run_dir, config):
+    """Create ``run_dir`` for ``config`` or check that it already belongs to it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    if path.is_file():
+        try:
+            theirs = RunConfig.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise RunFolderError(f"{path}: unreadable configuration ({err}); move the folder away") from None
+        if theirs != config:
+            raise RunFolderError(f"{run_dir} holds another configuration ("
+                                 + "; ".join(config.differences(theirs)) + "); use another --out")
+    else:
+        checkpoints.write_json(path, config.to_dict())
+
+
+def run_one(config, out, *, dataset=None, data_dir="./data", download=True, device="auto", runtime=None,
+            resume=False, restart=False, figures=True, progress=True, log=print):
+    """Train ``config`` into ``out/<run id>/`` and return its record (see the module docstring).
+
+    A finished run is not redone: its record is returned as it is. ``dataset`` (as
+    :func:`load_data` returns it for this config) saves reading the files again when many runs
+    share it. ``runtime``: a preset name or overrides (see :func:`fit.resolve_runtime`).
+    """
+    run_dir = Path(out) / config.run_id
+    record = read_record(run_dir)
+    if record is not None:
+        if RunConfig.from_dict(record["config"]) != config:
+            raise RunFolderError(f"{run_dir} holds another configuration; use another --out")
+        return record
+    claim_folder(run_dir, config)
+    with folder_lock(run_dir):
+        return _train(config, run_dir, dataset=dataset, data_dir=data_dir, download=download, device=device,
+                      runtime=runtime, resume=resume, restart=restart, figures=figures, progress=progress, log=log)
+
+
+def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, resume, restart, figures,
+           progress, log):
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists() and not (resume or restart):
+        raise RunFolderError(f"{run_dir} holds an interrupted run ({checkpoint.name}); pass --resume to "
+                             "continue it or --restart to start it over")
+    if restart:
+        checkpoint.unlink(missing_ok=True)
+    start = time.perf_counter()
+    device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
+    dataset = dataset if dataset is not None else load_data(config, data_dir=data_dir, download=download)
+    recipe = config.recipe
+    model = models.fresh_model(config.norm, recipe, train_images=dataset["train_images"], seed=config.seed)
+    runtime = fit_lib.resolve_runtime(device, config.norm, runtime)
+    history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, device=device, seed=config.seed,
+                          runtime=runtime, checkpoint_path=checkpoint, resume=resume and checkpoint.exists(),
+                          progress=progress, log=log)
+    test_loader = data_lib.test_loader(dataset, device=device)
+    tta = loop.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
+    record = {"id": config.run_id, "config": config.to_dict(), "recipe": recipe,
+              "device": runtime_lib.device_name(device), "runtime": runtime,
+              "evaluated_on": f"{config.holdout} held-out training images" if config.holdout else "test set",
+              "params": sum(p.numel() for p in model.parameters()),
+              "final": {**summary_figures(history), "test_acc_tta_flip": tta},
+              "history": history, "seconds": time.perf_counter() - start}
+    checkpoints.save_torch(run_dir / "weights.pt", model.state_dict())
+    if figures:
+        write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
+    checkpoints.write_json(run_dir / "record.json", record)  # last: the run is finished
+    return record
+
+
+def write_run_figures(run_dir, record, *, model, device, dataset):
+    """``curves.png`` and ``misclassified.png`` of one run, from its record and trained model."""
+    config = RunConfig.from_dict(record["config"])
+    title = f"{config.label}, batch {config.batch_size}, seed {config.seed}"
+    history = record["history"]
+    checkpoints.save_figure(Path(run_dir) / "curves.png", plots.loss_accuracy_curves(
+        history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
+    checkpoints.save_figure(Path(run_dir) / "misclassified.png", plots.show_misclassified(
+        model, device, dataset, title=f"{title}: misclassified"))
