@@ -1,17 +1,21 @@
-# make run   - set up .venv from requirements.txt and train all three variants (seeds 0 1 2)
-# make test  - set up .venv with the test requirements and run the whole test suite
+# make run   - set up .venv from the requirements (exact versions: requirements-lock.txt) and train all three variants (seeds 0 1 2)
+# make test  - set up .venv with the test and Ray requirements and run the whole test suite
 # make smoke - a seconds-long run of the CLI on synthetic data
+# make lock  - regenerate requirements-lock.txt from a fresh venv (downloads packages, no data)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?= --norm all --seed 0 1 2 --epochs 20 --data-dir ./data --out results
+LOCK := requirements-lock.txt
+REQUIREMENTS := requirements.txt requirements-dev.txt requirements-ray.txt $(LOCK)
+LOCKVENV ?= /tmp/norm-study-lockvenv
 
-.PHONY: run test smoke notebooks clean
+.PHONY: run test smoke notebooks lock clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -r requirements-ray.txt -c $(LOCK)
 	touch $@
 
 run: $(VENV)/.installed
@@ -25,6 +29,14 @@ smoke: $(VENV)/.installed
 
 notebooks: $(VENV)/.installed
 	$(PY) scripts/run_notebooks.py ERA_Session8_Assignment_*_v1.ipynb
+
+# The header (the lines starting with #) is kept; every pin is rewritten.
+lock:
+	rm -rf $(LOCKVENV)
+	$(PYTHON) -m venv $(LOCKVENV)
+	$(LOCKVENV)/bin/pip install --quiet -r requirements-dev.txt -r requirements-ray.txt
+	{ grep '^#' $(LOCK); $(LOCKVENV)/bin/pip freeze; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ */__pycache__
