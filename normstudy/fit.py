@@ -85,14 +85,35 @@ class Training:
     def amp_dtype(self):
         return runtime_lib.AMP_DTYPES[self.runtime["amp"]]
 
-    def make_step(self):
-        """The training step; under CUDA graphs the learning rate becomes a device tensor first
-        (a graph reads it from a fixed tensor, which the schedule fills in place)."""
-        if self.runtime["cuda_graph"]:
-            for group in self.optimizer.param_groups:
+    def _lr_on_device(self):
+        # A CUDA graph reads the learning rate from a fixed tensor, which the schedule fills in place.
+        for group in self.optimizer.param_groups:
+            if not torch.is_tensor(group["lr"]):
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+
+    def make_step(self):
+        """One training step as ``runtime`` asks (eager, or one recorded step replayed per batch)."""
+        if self.runtime["cuda_graph"]:
+            self._lr_on_device()
         self.step = make_step(self.model, self.optimizer, self.criterion, self.runtime)
         return self.step
+
+    def epoch_trainer(self, *, progress=True, desc="train"):
+        """A function that trains one epoch and returns ``(mean loss, accuracy in %)``. Under CUDA
+        graphs a whole epoch replays as a few recorded graphs of many steps each
+        (:class:`fast.graph_epoch.GraphEpoch`); otherwise :func:`loop.train` with eager steps."""
+        if not self.runtime["cuda_graph"]:
+            step = self.make_step()
+            return lambda epoch: loop.train(self.model, self.device, self.train_loader, self.optimizer,
+                                            self.criterion, self.scheduler, progress=progress,
+                                            desc=f"{desc} epoch {epoch}", step=step)
+        from .fast.graph_epoch import GraphEpoch
+        self._lr_on_device()
+        total_steps = self.recipe["epochs"] * len(self.train_loader)
+        trainer = GraphEpoch(self.model, self.optimizer, self.criterion, self.scheduler, self.train_loader,
+                             amp_dtype=self.amp_dtype, channels_last=self.runtime["channels_last"],
+                             total_steps=total_steps)
+        return lambda epoch: trainer.train_epoch()
 
 
 def prepare(model, dataset, *, recipe, device, seed, runtime=None, norm=None, on_stage=None):
@@ -159,16 +180,14 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, runtime=None
         checkpoints.check_resumable(state, checkpoint_path, identity)
         history = _restore(training, state, checkpoint_path)
         log(f"{norm}: resumed from {checkpoint_path} after epoch {state['epoch']}")
-    step = training.make_step()
+    train_epoch = training.epoch_trainer(progress=progress, desc=norm)
     device, optimizer = training.device, training.optimizer
 
     for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
         start = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])  # a tensor under CUDA graphs: read it now
         try:
-            train_loss, train_acc = loop.train(model, device, training.train_loader, optimizer, training.criterion,
-                                               training.scheduler, progress=progress,
-                                               desc=f"{norm} epoch {epoch}", step=step)
+            train_loss, train_acc = train_epoch(epoch)
         except loop.NonFiniteLossError as err:
             raise loop.NonFiniteLossError(err.batch, epoch) from None
         check_finite_state(model, epoch)

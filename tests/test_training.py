@@ -102,16 +102,37 @@ def test_diverging_fit_names_epoch_and_batch_and_keeps_last_good_checkpoint(data
 
 
 @pytest.mark.parametrize("graph_mode", [False, True])
-def test_history_records_the_learning_rate_at_the_start_of_each_epoch(dataset, monkeypatch, graph_mode):
-    if graph_mode:
-        # CUDA-graph mode keeps the learning rate in a tensor that the scheduler fills in place;
-        # on the CPU, run it with eager steps to check the history reads it at the right time.
-        monkeypatch.setattr(fit_lib, "make_step", lambda model, optimizer, criterion, runtime:
-                            steps.EagerStep(model, optimizer, criterion))
+def test_history_records_the_learning_rate_at_the_start_of_each_epoch(dataset, graph_mode):
+    # CUDA-graph mode keeps the learning rate in a tensor that the schedule fills in place; on the
+    # CPU its epochs run the same steps unrecorded (fast.graph_epoch), so the timing is checked here.
     recipe = small_recipe(epochs=3)
     _, history = fit(dataset, recipe=recipe, runtime={"cuda_graph": graph_mode})
     assert history["lr"][0] == pytest.approx(recipe_lib.peak_lr(recipe) / recipe["div_factor"])
     assert history["lr"][0] < history["lr"][1] and all(isinstance(lr, float) for lr in history["lr"])
+
+
+@pytest.mark.parametrize("batch_size, chunk", [(50, 3), (64, 64)])
+def test_graph_epochs_take_the_same_steps_as_the_plain_loop(dataset, monkeypatch, batch_size, chunk):
+    """Whole epochs recorded as chunks of steps (fast.graph_epoch) take the plain loop's steps bit
+    for bit: same batches, learning rates and running sums, also with a smaller last batch (500
+    images at 64) and chunks that do not divide the epoch. (Both read the lr from a tensor, as
+    under CUDA graphs; a Python float lr rounds differently.)"""
+    from normstudy.fast import graph_epoch
+    monkeypatch.setattr(graph_epoch, "chunk_for", lambda batch_size: chunk)
+    recipe = small_recipe(epochs=2, batch_size=batch_size, cutout=4)
+    results = []
+    for graph_mode in (False, True):
+        model = models.fresh_model("bn", recipe, train_images=dataset["train_images"], seed=0)
+        training = fit_lib.prepare(model, dataset, recipe=recipe, device="cpu", seed=0,
+                                   runtime={"cuda_graph": graph_mode}, norm="bn")
+        training._lr_on_device()
+        train_epoch = training.epoch_trainer(progress=False)
+        epochs = [(train_epoch(epoch), float(training.optimizer.param_groups[0]["lr"])) for epoch in (1, 2)]
+        results.append((epochs, training.scheduler.last_epoch, model.state_dict()))
+    (plain, plain_steps, plain_state), (graphed, graphed_steps, graphed_state) = results
+    assert graphed == plain and graphed_steps == plain_steps == 2 * -(-500 // batch_size)
+    for name, value in plain_state.items():
+        assert torch.equal(graphed_state[name], value), name
 
 
 def test_same_seed_same_history_on_cpu(dataset):
