@@ -92,6 +92,7 @@ class GraphEpoch:
         """Record ``steps`` consecutive steps of ``batch_size``; every tensor the warm-up changed
         is restored, so recording leaves no trace in the training."""
         saved = [t.detach().clone() for t in self._state()]
+        self.position.zero_()  # the warm-up's batches must lie inside the epoch wherever recording starts
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
