@@ -99,21 +99,29 @@ class Training:
         return self.step
 
     def epoch_trainer(self, *, progress=True, desc="train"):
-        """A function that trains one epoch and returns ``(mean loss, accuracy in %)``. Under CUDA
-        graphs a whole epoch replays as a few recorded graphs of many steps each
+        """A function that trains one epoch and returns ``(mean loss, accuracy in %)``; its
+        ``record()`` prepares what the next epoch replays (call it outside ``DEVICE_LOCK.work()``).
+        Under CUDA graphs a whole epoch replays as a few recorded graphs of many steps each
         (:class:`fast.graph_epoch.GraphEpoch`); otherwise :func:`loop.train` with eager steps."""
         if not self.runtime["cuda_graph"]:
             step = self.make_step()
-            return lambda epoch: loop.train(self.model, self.device, self.train_loader, self.optimizer,
-                                            self.criterion, self.scheduler, progress=progress,
-                                            desc=f"{desc} epoch {epoch}", step=step)
+
+            def train_epoch(epoch):
+                return loop.train(self.model, self.device, self.train_loader, self.optimizer, self.criterion,
+                                  self.scheduler, progress=progress, desc=f"{desc} epoch {epoch}", step=step)
+            train_epoch.record = lambda: None
+            return train_epoch
         from .fast.graph_epoch import GraphEpoch
         self._lr_on_device()
         total_steps = self.recipe["epochs"] * len(self.train_loader)
         trainer = GraphEpoch(self.model, self.optimizer, self.criterion, self.scheduler, self.train_loader,
                              amp_dtype=self.amp_dtype, channels_last=self.runtime["channels_last"],
                              total_steps=total_steps)
-        return lambda epoch: trainer.train_epoch()
+
+        def train_epoch(epoch):
+            return trainer.train_epoch()
+        train_epoch.record = trainer.record
+        return train_epoch
 
 
 def prepare(model, dataset, *, recipe, device, seed, runtime=None, norm=None, on_stage=None):
@@ -171,38 +179,47 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, runtime=None
     With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
     continues from it. ``log`` receives one line per epoch.
     """
+    from .fast.graph_epoch import DEVICE_LOCK  # CUDA work of concurrent runs vs graph recording
     recipe = recipe or recipe_lib.recipe_for(norm)
-    training = prepare(model, dataset, recipe=recipe, device=device, seed=seed, runtime=runtime, norm=norm)
-    identity = run_identity(norm=norm, seed=seed, recipe=recipe, dataset=dataset)
-    history = new_history()
-    if resume:
-        state = checkpoints.load_torch(checkpoint_path)
-        checkpoints.check_resumable(state, checkpoint_path, identity)
-        history = _restore(training, state, checkpoint_path)
-        log(f"{norm}: resumed from {checkpoint_path} after epoch {state['epoch']}")
-    train_epoch = training.epoch_trainer(progress=progress, desc=norm)
-    device, optimizer = training.device, training.optimizer
-
+    with DEVICE_LOCK.work():
+        training = prepare(model, dataset, recipe=recipe, device=device, seed=seed, runtime=runtime, norm=norm)
+        identity = run_identity(norm=norm, seed=seed, recipe=recipe, dataset=dataset)
+        history = new_history()
+        if resume:
+            state = checkpoints.load_torch(checkpoint_path)
+            checkpoints.check_resumable(state, checkpoint_path, identity)
+            history = _restore(training, state, checkpoint_path)
+            log(f"{norm}: resumed from {checkpoint_path} after epoch {state['epoch']}")
+        train_epoch = training.epoch_trainer(progress=progress, desc=norm)
     for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
-        start = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])  # a tensor under CUDA graphs: read it now
-        try:
-            train_loss, train_acc = train_epoch(epoch)
-        except loop.NonFiniteLossError as err:
-            raise loop.NonFiniteLossError(err.batch, epoch) from None
-        check_finite_state(model, epoch)
-        test_loss, test_acc = loop.test(model, device, training.test_loader, training.criterion,
-                                        amp_dtype=training.amp_dtype)
-        seconds = time.perf_counter() - start
-        for key, value in zip(new_history(), (train_loss, train_acc, test_loss, test_acc, lr, seconds)):
-            history[key].append(value)
-        if checkpoint_path is not None:
-            checkpoints.save_torch(checkpoint_path, checkpoints.make_checkpoint(
-                model=model, optimizer=optimizer, scheduler=training.scheduler,
-                generator=training.train_loader.generator, history=history, run=identity))
-        log(f"{norm} epoch {epoch:2d}/{recipe['epochs']}  train loss {train_loss:.4f} acc {train_acc:5.2f}%  "
-            f"test loss {test_loss:.4f} acc {test_acc:5.2f}%  ({seconds:.2f} s)")
+        train_epoch.record()
+        with DEVICE_LOCK.work():
+            _epoch(training, train_epoch, epoch, history=history, identity=identity,
+                   checkpoint_path=checkpoint_path, log=log, norm=norm)
     return history
+
+
+def _epoch(training, train_epoch, epoch, *, history, identity, checkpoint_path, log, norm):
+    """Train and test one epoch, append its figures to ``history``, write the checkpoint."""
+    model, device, optimizer, recipe = training.model, training.device, training.optimizer, training.recipe
+    start = time.perf_counter()
+    lr = float(optimizer.param_groups[0]["lr"])  # a tensor under CUDA graphs: read it now
+    try:
+        train_loss, train_acc = train_epoch(epoch)
+    except loop.NonFiniteLossError as err:
+        raise loop.NonFiniteLossError(err.batch, epoch) from None
+    check_finite_state(model, epoch)
+    test_loss, test_acc = loop.test(model, device, training.test_loader, training.criterion,
+                                    amp_dtype=training.amp_dtype)
+    seconds = time.perf_counter() - start
+    for key, value in zip(new_history(), (train_loss, train_acc, test_loss, test_acc, lr, seconds)):
+        history[key].append(value)
+    if checkpoint_path is not None:
+        checkpoints.save_torch(checkpoint_path, checkpoints.make_checkpoint(
+            model=model, optimizer=optimizer, scheduler=training.scheduler,
+            generator=training.train_loader.generator, history=history, run=identity))
+    log(f"{norm} epoch {epoch:2d}/{recipe['epochs']}  train loss {train_loss:.4f} acc {train_acc:5.2f}%  "
+        f"test loss {test_loss:.4f} acc {test_acc:5.2f}%  ({seconds:.2f} s)")
 
 
 def _restore(training, state, path):

@@ -337,3 +337,38 @@ def test_compile_by_mode_name_turns_channels_last_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     runtime = fit_lib.resolve_runtime(torch.device("cuda"), "gn", {"compile": "max-autotune-no-cudagraphs"})
     assert runtime["channels_last"] is True and runtime["compile"] == "max-autotune-no-cudagraphs"
+
+
+def test_recording_waits_for_running_work_and_new_work_waits_for_recording():
+    """fast.graph_epoch.RecordingLock: a CUDA graph is recorded only while no other run's CUDA
+    work is under way, and work that starts meanwhile waits (concurrent runs in one process)."""
+    import threading
+    import time
+    from normstudy.fast.graph_epoch import RecordingLock
+    lock, events = RecordingLock(), []
+    working = threading.Event()
+
+    def work(name, hold):
+        with lock.work():
+            events.append(f"{name} start")
+            working.set()
+            time.sleep(hold)
+            events.append(f"{name} end")
+
+    def record():
+        working.wait()
+        with lock.recording():
+            events.append("record")
+            time.sleep(0.05)
+            events.append("recorded")
+
+    first = threading.Thread(target=work, args=("a", 0.2))
+    recorder = threading.Thread(target=record)
+    first.start()
+    recorder.start()
+    time.sleep(0.1)  # the recorder is waiting for "a" now; "b" must wait behind the recorder
+    second = threading.Thread(target=work, args=("b", 0.0))
+    second.start()
+    for thread in (first, recorder, second):
+        thread.join(timeout=5)
+    assert events == ["a start", "a end", "record", "recorded", "b start", "b end"]

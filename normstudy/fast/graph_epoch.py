@@ -19,10 +19,58 @@ rest and for the smaller last batch: no host synchronization until the epoch's f
 The steps, their order, their data and their learning rates are exactly those of the plain loop
 (off CUDA the same steps run unrecorded, which is how the tests compare the two).
 """
+import contextlib
+import threading
+
 import torch
 
 from .. import data as data_lib
 from . import steps as steps_lib
+
+
+class RecordingLock:
+    """Several runs may train at once in threads of one process (the study's concurrent runs),
+    each on its own CUDA stream. Recording a CUDA graph must not overlap any other CUDA work of
+    the process: a device-wide synchronization, a cuDNN call or a kernel load elsewhere
+    invalidates the capture (seen on the H100). So every run's CUDA work holds this lock shared
+    (:meth:`work`) and recording holds it alone (:meth:`recording`); a waiting recording goes
+    before new work, so it waits at most for the epochs under way. Recording happens a few times
+    per run, at its start. With one run per process the lock never waits."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._working = 0
+        self._recording = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def work(self):
+        with self._changed:
+            self._changed.wait_for(lambda: not self._recording and not self._waiting)
+            self._working += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._working -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def recording(self):
+        with self._changed:
+            self._waiting += 1
+            self._changed.wait_for(lambda: not self._recording and not self._working)
+            self._waiting -= 1
+            self._recording = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._recording = False
+                self._changed.notify_all()
+
+
+DEVICE_LOCK = RecordingLock()  # one per process: CUDA graph capture is a process-wide affair
 
 
 def chunk_for(batch_size, *, images_per_chunk=8192, most=64):
@@ -46,8 +94,8 @@ class GraphEpoch:
         self.warmup_steps = warmup_steps
         device = loader.device
         n = len(loader.images)
-        self.images = torch.empty_like(loader.images)
-        self.labels = torch.empty_like(loader.labels)
+        self.images = loader.images.clone()  # real images and labels: warm-up steps train on them
+        self.labels = loader.labels.clone()
         self.position = torch.zeros((), dtype=torch.long, device=device)  # first image of the next batch
         self.step_index = torch.zeros((), dtype=torch.long, device=device)  # global step, for the lr table
         self.batch_index = torch.zeros((), dtype=torch.long, device=device)  # batch within the epoch
@@ -116,14 +164,29 @@ class GraphEpoch:
                 tensor.copy_(value)
         return graph
 
-    def _replay(self, steps, batch_size):
-        if self.position.device.type != "cuda":  # nothing to record: run the same steps directly (tests)
-            for _ in range(steps):
-                self._one_step(batch_size)
+    def _shapes(self):
+        """The (steps, batch size) graphs one epoch replays, and how often each."""
+        chunks, single = divmod(self.full_batches, self.chunk)
+        return [((self.chunk, self.batch_size), chunks), ((1, self.batch_size), single),
+                ((1, self.last_batch), 1 if self.last_batch else 0)]
+
+    def record(self):
+        """Record the graphs an epoch needs, if not yet done; call it outside
+        :meth:`RecordingLock.work` (it takes the lock alone)."""
+        if self.position.device.type != "cuda":
             return
-        key = (steps, batch_size)
-        if key not in self.graphs:
-            self.graphs[key] = self._record(steps, batch_size)
+        for key, count in self._shapes():
+            if count and key not in self.graphs:
+                with DEVICE_LOCK.recording():
+                    self.graphs[key] = self._record(*key)
+
+    def _replay(self, key):
+        if self.position.device.type != "cuda":  # nothing to record: run the same steps directly (tests)
+            for _ in range(key[0]):
+                self._one_step(key[1])
+            return
+        if key not in self.graphs:  # a caller that did not record first, in a single-run process
+            self.graphs[key] = self._record(*key)
         self.graphs[key].replay()
 
     def train_epoch(self):
@@ -138,13 +201,9 @@ class GraphEpoch:
         for tensor in (self.position, self.batch_index, self.loss_sum, self.correct):
             tensor.zero_()
         self.first_bad.fill_(-1)
-        chunks, single = divmod(self.full_batches, self.chunk)
-        for _ in range(chunks):
-            self._replay(self.chunk, self.batch_size)
-        for _ in range(single):
-            self._replay(1, self.batch_size)
-        if self.last_batch:
-            self._replay(1, self.last_batch)
+        for key, count in self._shapes():
+            for _ in range(count):
+                self._replay(key)
         steps = self.full_batches + bool(self.last_batch)
         self.scheduler.last_epoch += steps
         self.scheduler._apply()  # the lr tensors now hold the next step's rate, as after the plain loop
