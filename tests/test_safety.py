@@ -1,0 +1,319 @@
+"""Issue 16: nothing a user can do (or a machine can do to a run) loses work, mixes runs or ends in a
+traceback. One test per item of the issue; each docstring quotes its item.
+
+Quick on 2 CPU cores: tiny synthetic data (64 training images, one epoch), monkeypatched training
+where the training itself is not the point, and two real subprocesses (SIGTERM, a busy folder).
+"""
+import errno
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from normstudy import checkpoints, cli, data, loop, models, report
+from normstudy import fit as fit_lib
+from normstudy import recipe as recipe_lib
+from normstudy import run as run_lib
+from normstudy.config import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_BN = RunConfig("bn", epochs=1, data="synthetic")  # what `train.py --norm bn --smoke` runs
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def cli_run(argv, capsys):
+    """``train.main`` in-process: returns (exit code, stdout, stderr)."""
+    try:
+        code = train.main(argv)
+    except SystemExit as exit_:  # argparse, SIGTERM
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err):
+    """The only line of ``err`` (stderr), asserting there is exactly one and no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def tiny_fit(dataset, path, *, resume=False, seed=0):
+    """One epoch of BatchNorm in batches of 32, checkpointed to ``path``."""
+    recipe = recipe_lib.recipe_for("bn", epochs=1, batch_size=32)
+    model = models.fresh_model("bn", recipe, train_images=dataset["train_images"], seed=seed)
+    return fit_lib.fit(model, dataset, norm="bn", recipe=recipe, seed=seed, checkpoint_path=path, resume=resume,
+                       progress=False, log=lambda line: None)
+
+
+def fake_record(config, acc=50.0):
+    """A finished run's record as ``run._train`` writes it, without training."""
+    n = config.epochs
+    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
+               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+    return {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
+            "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
+            "history": history}
+
+
+def write_record(out, config, **kwargs):
+    run_dir = Path(out) / config.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "record.json").write_text(json.dumps(fake_record(config, **kwargs)))
+    return run_dir
+
+
+def damage_tensor_bytes(path, n=64):
+    """Invert ``n`` bytes in the middle of the largest tensor stored in a ``torch.save`` file (a zip
+    whose tensors are stored uncompressed): the file still unpickles, with other numbers."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(Path(path).read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+    raw[start:start + n] = bytes(b ^ 0xFF for b in raw[start:start + n])
+    Path(path).write_bytes(raw)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return data.load_synthetic_cifar10(n_train=64, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny, tmp_path_factory):
+    """A real checkpoint after one epoch on ``tiny``; tests copy it before changing it."""
+    path = tmp_path_factory.mktemp("checkpoint") / "checkpoint.pt"
+    tiny_fit(tiny, path)
+    return path
+
+
+# --- items the refactor handles: verified here --------------------------------------------------
+
+def test_run_ids_keep_smoke_and_real_runs_apart():
+    """"run ids per config so smoke (`-synthetic` in the id) and real runs never share a folder"."""
+    real, smoke = RunConfig("bn", epochs=1), RunConfig("bn", epochs=1, data="synthetic")
+    assert smoke.run_id == "bn-b512-e1-s0-synthetic" and real.run_id == "bn-b512-e1-s0"
+    assert RunConfig("bn", epochs=1, holdout=100).run_id == "bn-b512-e1-s0-holdout100"
+
+
+def test_default_out_is_runs_and_runs_smoke(tmp_path, capsys, monkeypatch):
+    """"the default --out is `runs/` (gitignored), `runs/smoke` for --smoke"."""
+    monkeypatch.chdir(tmp_path)
+    outs = []
+    monkeypatch.setattr(run_lib, "load_data", lambda config, **kwargs: None)
+    monkeypatch.setattr(run_lib, "run_one", lambda config, out, **kwargs: outs.append(Path(out)))
+    assert cli_run(["--norm", "bn", "--quiet"], capsys)[0] == 0
+    assert cli_run(["--norm", "bn", "--quiet", "--smoke"], capsys)[0] == 0
+    assert outs == [Path("runs"), Path("runs/smoke")]
+    assert "/runs/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_a_folder_of_another_configuration_is_refused(tmp_path):
+    """"config.json claims a folder and a different config is refused"."""
+    run_dir = tmp_path / SMOKE_BN.run_id
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(RunConfig("bn", epochs=1, seed=1, data="synthetic").to_dict()))
+    with pytest.raises(run_lib.RunFolderError, match=r"holds another configuration \(seed: 1 vs 0\)"):
+        run_lib.run_one(SMOKE_BN, tmp_path)
+
+
+def test_a_finished_run_is_never_retrained(tmp_path, monkeypatch):
+    """"a finished run (record.json) is never retrained"."""
+    write_record(tmp_path, SMOKE_BN)
+    monkeypatch.setattr(run_lib, "_train", lambda *args, **kwargs: pytest.fail("trained again"))
+    assert run_lib.run_one(SMOKE_BN, tmp_path) == fake_record(SMOKE_BN)
+
+
+def test_recipe_values_are_typed_and_lr_is_per_32():
+    """"recipe values typed and range-checked (recipe.SETTINGS/check_setting; `lr` is now `lr_per_32`)"."""
+    assert recipe_lib.check_setting("epochs", 2.0) == 2 and recipe_lib.check_setting("lr_per_32", 1) == 1.0
+    assert "lr" not in recipe_lib.SETTINGS and recipe_lib.peak_lr(recipe_lib.recipe_for("bn")) == pytest.approx(0.2)
+
+
+def test_cells_never_average_runs_whose_configs_differ():
+    """"cells never average runs whose configs differ"."""
+    a0, a1 = RunConfig("gn", epochs=1), RunConfig("gn", epochs=1, seed=1)
+    other = RunConfig("gn", epochs=1, overrides=(("lr_per_32", 0.02),))
+    summary = report.summarize([fake_record(a0, 50.0), fake_record(a1, 60.0), fake_record(other, 10.0)])
+    assert summary[a0.cell]["seeds"] == [0, 1] and summary[a0.cell]["test_acc_last3_mean"] == [50.0, 60.0]
+    assert summary[other.cell]["seeds"] == [0] and summary[other.cell]["test_acc_last3_mean"] == [10.0]
+
+
+def test_batchnorm_running_variance_overflow_is_caught():
+    """"fit.check_finite_state catches BN running_var overflow"."""
+    model = models.CifarNet("bn")
+    name = next(name for name, _ in model.named_buffers() if name.endswith("running_var"))
+    model.get_buffer(name).fill_(float("inf"))
+    with pytest.raises(loop.NonFiniteStateError, match=f"{name} is NaN or infinite after epoch 4"):
+        fit_lib.check_finite_state(model, 4)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """"cli exits 2 with one line for ValueError/OSError etc."."""
+    for error, line in [(OSError(errno.EACCES, "Permission denied", "/x/y"), "Permission denied: /x/y"),
+                        (ValueError("first line\nsecond line"), "first line"),
+                        (data.DatasetError("bad batch"), "bad batch")]:
+        def fail(config, out, **kwargs):
+            raise error
+        monkeypatch.setattr(run_lib, "run_one", fail)
+        code, _, err = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)
+        assert code == 2 and one_line(err) == f"train.py: error: {line}"
+
+
+def test_sigterm_exits_143_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """"SIGTERM handler in cli (check it really works: exit 143, one line, checkpoint kept)"."""
+    config = RunConfig("bn", epochs=50, data="synthetic")
+    checkpoint = tmp_path / config.run_id / "checkpoint.pt"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--norm", "bn", "--smoke", "--quiet",
+                                "--epochs", "50", "--out", str(tmp_path)], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists():  # the first epoch is done and saved
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143
+    assert one_line(err).startswith(f"train.py: terminated; every completed epoch is saved under {tmp_path}")
+    assert checkpoints.load_torch(checkpoint)["epoch"] >= 1
+    assert not list(checkpoint.parent.glob("*.tmp"))
+
+
+def test_get_correct_pred_count_takes_column_labels():
+    """"GetCorrectPredCount accepts (N,1) labels"."""
+    logits = torch.eye(10)[:4]
+    assert loop.GetCorrectPredCount(logits, torch.tensor([[0], [1], [5], [3]])) == 3
+
+
+def test_train_on_an_empty_loader_raises_value_error():
+    """"train() on an empty loader raises ValueError"."""
+    model = models.CifarNet("bn")
+    with pytest.raises(ValueError, match="the loader gave no batches"):
+        loop.train(model, "cpu", [], torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                   progress=False)
+
+
+def test_missing_data_message_mentions_data_dir(tmp_path):
+    """"notebook missing-data message mentions DATA_DIR"."""
+    with pytest.raises(data.DatasetError, match="DATA_DIR"):
+        data.load_cifar10(tmp_path / "none")  # what the notebook calls; the download fails here
+
+
+def test_notebook_checkpoint_name_has_epochs_and_seed():
+    """"notebook checkpoint name includes EPOCHS and SEED"."""
+    for name in ("BN", "LayerNorm", "GroupNorm"):
+        text = (ROOT / f"ERA_Session8_Assignment_{name}_v1.ipynb").read_text()
+        assert "-e{EPOCHS}-s{SEED}.pt" in text, name
+
+
+def test_no_tqdm_widget_without_ipywidgets(monkeypatch):
+    """"tqdm warning avoided when ipywidgets missing"."""
+    import tqdm
+    notebook_bar = object()  # stands for tqdm.auto's widget bar, which warns without ipywidgets
+    monkeypatch.setitem(sys.modules, "tqdm.auto", types.SimpleNamespace(tqdm=notebook_bar))
+
+    def fresh_loop():  # loop.py imported anew, without replacing the package's module
+        spec = importlib.util.spec_from_file_location("normstudy._loop_probe", ROOT / "normstudy" / "loop.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import ipywidgets fails
+    assert fresh_loop().tqdm is tqdm.tqdm
+    monkeypatch.setitem(sys.modules, "ipywidgets", types.ModuleType("ipywidgets"))
+    assert fresh_loop().tqdm is notebook_bar
+
+
+def test_device_is_checked_before_the_data(tmp_path, capsys):
+    """"--device checked before data (runtime.pick_device)"."""
+    code, _, err = cli_run(["--norm", "bn", "--device", "cuda:99", "--data-dir", str(tmp_path / "none"),
+                            "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "device 'cuda:99'" in one_line(err)
+
+
+@pytest.mark.parametrize("setting", [
+    "epochs=1.5", "batch_size=1.5", "epochs=abc", "bn_momentum=abc", "weight_decay=abc", "lr_per_32=null",
+    "lr_per_32=[1,2]", "div_factor=0", "final_div_factor=0", "crop_padding=-1", "label_smoothing=2",
+    "gn_groups=true", "flip=maybe", "cutout=-3", "lr_per_32=-1", "pct_start=2", "crop_padding=1000",
+    "lr_per_32=abc", "epochs=0", "lr_per_32=NaN", "lr=0.2"])
+def test_bad_set_values_are_one_line_naming_the_key(setting, tmp_path, capsys):
+    """"`--set` values: check the listed bad values each give one line, exit 2, naming the key"
+    (and "`--set epochs=0` refused"; `lr`, the old name, is refused as an unknown key)."""
+    code, _, err = cli_run(["--norm", "bn", "--smoke", "--set", setting, "--out", str(tmp_path)], capsys)
+    key = setting.split("=")[0]
+    assert code == 2 and f"{key}=" in one_line(err) and not list(tmp_path.iterdir())
+
+
+def test_groups_with_batchnorm_is_refused(tmp_path, capsys):
+    """"`--norm bn --groups 4` -> one-line refusal"."""
+    code, _, err = cli_run(["--norm", "bn", "--groups", "4", "--smoke", "--out", str(tmp_path)], capsys)
+    assert code == 2 and one_line(err) == ("train.py: error: --groups applies to GroupNorm only "
+                                           "(--norm gn or all), not to --norm bn")
+
+
+def test_repeated_seeds_train_once_and_huge_seeds_are_refused(tmp_path, capsys, monkeypatch):
+    """"`--seed 0 0` trains once; a 20-digit seed -> one line" ("--seed duplicates dropped and seeds
+    range-checked")."""
+    trained = []
+    monkeypatch.setattr(run_lib, "run_one", lambda config, out, **kwargs: trained.append(config.run_id))
+    assert cli_run(["--norm", "bn", "--smoke", "--quiet", "--seed", "0", "0", "--out", str(tmp_path)], capsys)[0] == 0
+    assert trained == [SMOKE_BN.run_id]
+    code, _, err = cli_run(["--norm", "bn", "--seed", "12345678901234567890", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "seed 12345678901234567890 must lie in [0, 2**32)" in one_line(err)
+
+
+def test_a_second_run_into_a_busy_folder_names_the_holder(tmp_path):
+    """"Two concurrent runs into the same folder: the second gets one line naming the process holding
+    the lock" (the "per-folder lock (run.folder_lock)")."""
+    run_dir = tmp_path / SMOKE_BN.run_id
+    run_dir.mkdir()
+    with run_lib.folder_lock(run_dir):
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--norm", "bn", "--smoke", "--quiet",
+                               "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert one_line(done.stderr) == (f"train.py: error: {run_dir} is in use by process {os.getpid()}; "
+                                     "wait for it or use another --out")
+
+
+def test_resume_on_other_data_is_refused(tiny, tiny_checkpoint, tmp_path):
+    """"`--resume` with different data (another --data-dir, or --smoke vs real, or another --holdout) is
+    refused with a message naming what differs" ("checkpoints store a data fingerprint")."""
+    other = data.load_synthetic_cifar10(n_train=64, n_test=32, seed=1)
+    held_out = data.holdout_split(tiny, 16)
+    for dataset in (other, held_out):
+        path = tmp_path / "checkpoint.pt"
+        shutil.copy(tiny_checkpoint, path)
+        with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint is from another run \(it differs in data: "):
+            tiny_fit(dataset, path, resume=True)
+    assert RunConfig("bn").run_id != RunConfig("bn", data="synthetic").run_id != RunConfig("bn", holdout=16).run_id
+
+
+def test_forgetting_resume_keeps_the_checkpoint_and_says_what_to_pass(tmp_path, capsys):
+    """"Forgetting --resume: an interrupted run's checkpoint is kept and the message says to pass
+    --resume or --restart" ("an interrupted run needs --resume or --restart")."""
+    run_dir = tmp_path / SMOKE_BN.run_id
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"epoch 1 of an interrupted run")
+    code, _, err = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 2 and one_line(err) == (f"train.py: error: {run_dir} holds an interrupted run (checkpoint.pt); "
+                                           "pass --resume to continue it or --restart to start it over")
+    assert (run_dir / "checkpoint.pt").read_bytes() == b"epoch 1 of an interrupted run"
