@@ -3,7 +3,10 @@
 Every file is written to a temporary file beside its target and renamed over it, so a reader
 (or a run killed at any moment) sees the old file or the whole new one, never half of one.
 Checkpoints and weights are read with ``torch.load(weights_only=True)``: loading never runs code.
+They carry a sha256 of their contents (:func:`checksum`), checked on every load: ``torch.load``
+itself reads damaged tensor data without complaint.
 """
+import hashlib
 import json
 import os
 import tempfile
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: saved with a checksum (save_torch)
 
 
 class CheckpointError(ValueError):
@@ -51,21 +54,66 @@ def save_figure(path, fig):
 
 
 def save_torch(path, obj):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` of ``obj`` with its :func:`checksum`, which :func:`load_torch` verifies."""
+    atomic_write(path, lambda f: torch.save({"sha256": checksum(obj), "payload": obj}, f))
+
+
+# --- checksums ----------------------------------------------------------------------------------
+
+def _leaves(obj, where=""):
+    """``(where, leaf)`` for every leaf of nested dicts, lists and tuples, in their stored order
+    (pickling keeps a dict's order, so saving and loading walk the same sequence)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _leaves(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _leaves(value, f"{where}[{index}]")
+    else:
+        yield where, obj
+
+
+def checksum(obj):
+    """sha256 over everything in ``obj``: each tensor's dtype, shape and bytes (of its CPU,
+    contiguous copy), every other value's ``repr`` (numbers, strings: exact for floats), each with
+    the path that leads to it."""
+    digest = hashlib.sha256()
+    for where, leaf in _leaves(obj):
+        digest.update(where.encode())
+        if torch.is_tensor(leaf):
+            tensor = leaf.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        else:
+            digest.update(f"{type(leaf).__name__} {leaf!r}".encode())
+    return digest.hexdigest()
 
 
 # --- safe loading -------------------------------------------------------------------------------
 
+def one_line(err, limit=300):
+    """An exception as one line of at most ``limit`` characters: its message's lines joined
+    (PyTorch's state_dict errors name the first key on their second line)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_torch(path):
-    """``torch.load`` that never executes code and turns every failure into :class:`CheckpointError`."""
+    """What :func:`save_torch` saved at ``path``: loaded without executing code, its checksum
+    verified; every failure is one :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: corrupt, truncated or unsafe file, refused ({reason})") from None
+        raise CheckpointError(f"{path}: corrupt, truncated or unsafe file, refused ({one_line(err)})") from None
+    if not isinstance(saved, dict) or set(saved) != {"sha256", "payload"}:
+        raise CheckpointError(f"{path}: no checksum (saved by an older version of this package, or not by it), "
+                              "refused; train the run again to write it anew")
+    if checksum(saved["payload"]) != saved["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch: its data are damaged, refused")
+    return saved["payload"]
 
 
 def load_weights(model, path):
@@ -76,7 +124,7 @@ def load_weights(model, path):
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not fit this model ({one_line(err)})") from None
     return model
 
 

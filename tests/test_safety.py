@@ -317,3 +317,28 @@ def test_forgetting_resume_keeps_the_checkpoint_and_says_what_to_pass(tmp_path, 
     assert code == 2 and one_line(err) == (f"train.py: error: {run_dir} holds an interrupted run (checkpoint.pt); "
                                            "pass --resume to continue it or --restart to start it over")
     assert (run_dir / "checkpoint.pt").read_bytes() == b"epoch 1 of an interrupted run"
+
+
+# --- items implemented for issue 16 -------------------------------------------------------------
+
+def test_damaged_tensor_data_is_refused(tiny_checkpoint, tmp_path):
+    """"item 6: a checkpoint (and weights.pt) stores a checksum of its tensor data and it is verified
+    on load/resume: a checkpoint with 64 bytes of tensor data overwritten must be refused with one line"."""
+    checkpoint = tmp_path / "checkpoint.pt"
+    shutil.copy(tiny_checkpoint, checkpoint)
+    damage_tensor_bytes(checkpoint)
+    with pytest.raises(checkpoints.CheckpointError) as refused:
+        checkpoints.load_torch(checkpoint)
+    assert str(refused.value) == f"{checkpoint}: checksum mismatch: its data are damaged, refused"
+
+    weights = tmp_path / "weights.pt"
+    checkpoints.save_torch(weights, models.CifarNet("bn").state_dict())
+    checkpoints.load_weights(models.CifarNet("bn"), weights)
+    damage_tensor_bytes(weights)
+    with pytest.raises(checkpoints.CheckpointError, match="checksum mismatch"):
+        checkpoints.load_weights(models.CifarNet("bn"), weights)
+
+    torch.save(models.CifarNet("bn").state_dict(), weights)  # as written before checksums
+    with pytest.raises(checkpoints.CheckpointError) as refused:
+        checkpoints.load_weights(models.CifarNet("bn"), weights)
+    assert "\n" not in str(refused.value) and "no checksum" in str(refused.value)
