@@ -6,7 +6,9 @@ Checkpoints and weights are read with ``torch.load(weights_only=True)``: loading
 They carry a sha256 of their contents (:func:`checksum`), checked on every load: ``torch.load``
 itself reads damaged tensor data without complaint.
 """
+import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -25,17 +27,23 @@ class CheckpointError(ValueError):
 
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``:
-    readers see the old file or the whole new one, never half of it."""
+    readers see the old file or the whole new one, never half of it. A failed write (a full disk)
+    raises ``OSError("could not write PATH: reason")`` and leaves the old file and no temporary one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):  # already renamed when interrupted after os.replace
+                os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
         raise
 
 
@@ -54,8 +62,14 @@ def save_figure(path, fig):
 
 
 def save_torch(path, obj):
-    """``torch.save`` of ``obj`` with its :func:`checksum`, which :func:`load_torch` verifies."""
-    atomic_write(path, lambda f: torch.save({"sha256": checksum(obj), "payload": obj}, f))
+    """``torch.save`` of ``obj`` with its :func:`checksum`, which :func:`load_torch` verifies.
+
+    It is serialized in memory first (a checkpoint is about 0.5 MB): written to the file by
+    ``torch.save``, a full disk surfaces as ``RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos``, with neither the path nor the cause; written by us, as the ``OSError`` it is."""
+    buffer = io.BytesIO()
+    torch.save({"sha256": checksum(obj), "payload": obj}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 # --- checksums ----------------------------------------------------------------------------------

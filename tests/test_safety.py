@@ -342,3 +342,33 @@ def test_damaged_tensor_data_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(checkpoints.CheckpointError) as refused:
         checkpoints.load_weights(models.CifarNet("bn"), weights)
     assert "\n" not in str(refused.value) and "no checksum" in str(refused.value)
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    """"Disk full inside torch.save (checkpoint or weights) -> one line "could not write PATH: No space
+    left on device" style OSError, exit 2, old file kept, no stray tmp file"."""
+    path = tmp_path / "checkpoint.pt"
+    checkpoints.save_torch(path, {"epoch": 1})
+    before = path.read_bytes()
+
+    # A real write error from the kernel: files may not grow past 64 kB.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's default, exit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, hard))
+    try:
+        with pytest.raises(OSError) as failed:
+            checkpoints.save_torch(path, {"epoch": 2, "model": torch.zeros(100_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert failed.value.errno == errno.EFBIG and failed.value.strerror == f"could not write {path}: File too large"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+    # A full disk reported at fsync (as delayed allocation does), through the command line.
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(run_lib, "run_one", lambda config, out, **kwargs: checkpoints.save_torch(path, {"epoch": 3}))
+    code, _, err = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 2 and one_line(err) == f"train.py: error: could not write {path}: No space left on device"
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
