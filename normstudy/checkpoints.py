@@ -47,6 +47,16 @@ def atomic_write(path, write):
         raise
 
 
+def remove_stale_temporaries(folder):
+    """Delete the temporary files (``.NAME.*.tmp``) that a writer killed outright (SIGKILL, power
+    loss) left in ``folder``; return their names. Only while no one can be writing there: a run
+    calls it holding the folder's lock."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return [path.name for path in stale]
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 

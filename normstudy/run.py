@@ -13,7 +13,9 @@ A run owns the folder ``OUT/<run id>/``:
 
 A folder whose configuration differs from the run's is refused (no two configurations ever share
 one); a folder another process is training in is refused, naming that process; an interrupted
-run is continued only with ``resume=True`` and started over only with ``restart=True``.
+run is continued only with ``resume=True`` and started over only with ``restart=True``. The
+temporary files of a run killed mid-write (``.NAME.*.tmp``) are removed when the next run of the
+folder takes its lock.
 """
 import contextlib
 import json
@@ -127,8 +129,12 @@ def run_one(config, out, *, dataset=None, data_dir="./data", download=True, devi
         if RunConfig.from_dict(record["config"]) != config:
             raise RunFolderError(f"{run_dir} holds another configuration; use another --out")
         return record
-    claim_folder(run_dir, config)
-    with folder_lock(run_dir):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir):  # every file of the folder is written holding its lock
+        claim_folder(run_dir, config)
+        stale = checkpoints.remove_stale_temporaries(run_dir)
+        if stale:
+            log(f"{config.run_id}: removed {len(stale)} temporary file(s) of a killed run: {', '.join(stale)}")
         return _train(config, run_dir, dataset=dataset, data_dir=data_dir, download=download, device=device,
                       runtime=runtime, resume=resume, restart=restart, figures=figures, progress=progress, log=log)
 

@@ -372,3 +372,22 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tmp_path, cap
     code, _, err = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)
     assert code == 2 and one_line(err) == f"train.py: error: could not write {path}: No space left on device"
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path, monkeypatch):
+    """"SIGKILL leaves `.checkpoint.pt.*.tmp` files: clean stale `.*.tmp` files in a run folder when the
+    run (holding the folder lock) starts"."""
+    run_dir = tmp_path / SMOKE_BN.run_id
+    run_dir.mkdir()
+    stale = [run_dir / ".checkpoint.pt.k2j3h4g5.tmp", run_dir / ".weights.pt.a1b2c3d4.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    with run_lib.folder_lock(run_dir), pytest.raises(run_lib.RunFolderError, match="in use"):
+        run_lib.run_one(SMOKE_BN, tmp_path)  # not the lock holder: touches nothing
+    assert all(path.exists() for path in stale)
+
+    seen = []
+    monkeypatch.setattr(run_lib, "_train", lambda config, run_dir, **kwargs: seen.append(sorted(
+        p.name for p in run_dir.iterdir())))
+    run_lib.run_one(SMOKE_BN, tmp_path)
+    assert seen == [[".lock", "config.json"]]
