@@ -7,11 +7,12 @@ They carry a sha256 of their contents (:func:`checksum`), checked on every load:
 itself reads damaged tensor data without complaint.
 """
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -25,6 +26,19 @@ class CheckpointError(ValueError):
 
 # --- atomic files -------------------------------------------------------------------------------
 
+def _create_temporary(path):
+    """Create ``.NAME.<random>.tmp`` beside ``path``; return ``(fd, its path)``. Its mode is what
+    ``open()`` would give ``path`` (0o666 less the umask): ``tempfile.mkstemp`` makes every file
+    0600, which the rename would pass on to each result."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
+
+
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``:
     readers see the old file or the whole new one, never half of it. A failed write (a full disk)
@@ -32,7 +46,7 @@ def atomic_write(path, write):
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _create_temporary(path)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

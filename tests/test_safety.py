@@ -391,3 +391,17 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path, monkeypat
         p.name for p in run_dir.iterdir())))
     run_lib.run_one(SMOKE_BN, tmp_path)
     assert seen == [[".lock", "config.json"]]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """"Output files are mode 0600 whatever the umask (tempfile.mkstemp): give written files the mode
+    the umask allows (0o666 & ~umask)"."""
+    for umask in (0o022, 0o077, 0o002):
+        previous = os.umask(umask)
+        try:
+            checkpoints.write_json(tmp_path / "record.json", {})
+            checkpoints.save_torch(tmp_path / "weights.pt", {"w": torch.zeros(2)})
+        finally:
+            os.umask(previous)
+        for name in ("record.json", "weights.pt"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, (name, oct(umask))
