@@ -192,11 +192,12 @@ def write_synthetic_cifar10(data_dir, *, n_train=500, n_test=200, seed=0):
 
 def load_synthetic_cifar10(*, n_train=1024, n_test=256, seed=0):
     """Fake CIFAR-10 written to a temporary folder in the real format and read back through
-    :func:`load_cifar10`, so smoke runs exercise the real loader."""
+    :func:`load_cifar10`, so smoke runs exercise the real loader. The folder is removed once read
+    (the tensors are copies)."""
     import tempfile
-    folder = write_synthetic_cifar10(tempfile.mkdtemp(prefix="cifar10-synthetic-"),
-                                     n_train=n_train, n_test=n_test, seed=seed)
-    return load_cifar10(folder.parent, download=False)
+    with tempfile.TemporaryDirectory(prefix="cifar10-synthetic-") as tmp:
+        write_synthetic_cifar10(tmp, n_train=n_train, n_test=n_test, seed=seed)
+        return load_cifar10(tmp, download=False)
 
 
 # --- augmentation, on whole uint8 batches on any device -----------------------------------------

@@ -405,3 +405,11 @@ def test_written_files_follow_the_umask(tmp_path):
             os.umask(previous)
         for name in ("record.json", "weights.pt"):
             assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, (name, oct(umask))
+
+
+def test_synthetic_data_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """"Every smoke run leaves a 6 MB `/tmp/cifar10-synthetic-*` folder: data.load_synthetic_cifar10 must
+    remove its temporary folder after reading (TemporaryDirectory)"."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dataset = data.load_synthetic_cifar10(n_train=20, n_test=10)
+    assert len(dataset["train_labels"]) == 20 and list(tmp_path.iterdir()) == []
