@@ -234,6 +234,7 @@ def _restore(training, state, path):
         if set(history) != set(new_history()) or len({len(v) for v in history.values()}) != 1:
             raise ValueError("its history is incomplete")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # one_line: load_state_dict names the offending key on its message's second line
+        reason = checkpoints.one_line(err)
         raise checkpoints.CheckpointError(f"{path}: damaged checkpoint, refused ({reason})") from None
     return history

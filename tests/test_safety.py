@@ -413,3 +413,20 @@ def test_synthetic_data_leaves_no_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dataset = data.load_synthetic_cifar10(n_train=20, n_test=10)
     assert len(dataset["train_labels"]) == 20 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda state: state.pop("run"), "not a checkpoint of this package"),
+    (lambda state: state["model"].update({"c1.0.weight": torch.zeros(3, 3)}), r"size mismatch for c1\.0\.weight"),
+    (lambda state: state["rng"].update(cpu=torch.zeros(7, dtype=torch.uint8)), "damaged checkpoint, refused"),
+])
+def test_checkpoint_of_the_wrong_structure_is_refused(damage, reason, tiny, tiny_checkpoint, tmp_path):
+    """"Checkpoints of the right format but wrong structure (no `run`, wrong tensor shape, bad RNG
+    state) -> one line"."""
+    state = checkpoints.load_torch(tiny_checkpoint)
+    damage(state)
+    path = tmp_path / "checkpoint.pt"
+    checkpoints.save_torch(path, state)
+    with pytest.raises(checkpoints.CheckpointError, match=reason) as refused:
+        tiny_fit(tiny, path, resume=True)
+    assert "\n" not in str(refused.value)
