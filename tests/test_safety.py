@@ -430,3 +430,20 @@ def test_checkpoint_of_the_wrong_structure_is_refused(damage, reason, tiny, tiny
     with pytest.raises(checkpoints.CheckpointError, match=reason) as refused:
         tiny_fit(tiny, path, resume=True)
     assert "\n" not in str(refused.value)
+
+
+def test_summary_skips_and_names_broken_run_folders(tmp_path, capsys):
+    """"the summary skips (and names) a broken run folder (record.json missing keys / not JSON) and does
+    not die" (also "report.load_records skips and names broken records")."""
+    write_record(tmp_path, SMOKE_BN)
+    broken = {"not-json": "{", "no-history": json.dumps({"config": SMOKE_BN.to_dict()}),
+              "no-figures": json.dumps({**fake_record(SMOKE_BN), "final": {}}),
+              "short-history": json.dumps({**fake_record(SMOKE_BN), "history": {"test_acc": [1.0]}})}
+    for name, text in broken.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "record.json").write_text(text)
+    code, out, _ = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "| BatchNorm | 512 | 48,736 | 1 |" in out
+    for name in broken:
+        assert f"- {tmp_path / name / 'record.json'}: " in out, name
+    assert list(json.loads((tmp_path / "summary.json").read_text())) == [SMOKE_BN.cell]
