@@ -132,7 +132,7 @@ def main(argv=None):
             raise checkpoints.CheckpointError(f"--resume: no checkpoint under {out} for "
                                               + ", ".join(c.run_id for c in configs))
         print(f"device: {runtime_lib.device_name(device)}", flush=True)
-        dataset = None
+        dataset = config = None
         for config in configs:
             if run_lib.read_record(out / config.run_id) is not None:
                 print(f"{config.run_id}: finished already in {out / config.run_id}, not trained again", flush=True)
@@ -142,8 +142,7 @@ def main(argv=None):
                             restart=args.restart, progress=not args.quiet)
         print(report.write_summary(out))
     except FloatingPointError as err:
-        print(f"train.py: diverged: {err}; every earlier epoch is in the run's checkpoint.pt "
-              "(none if it was the first)", file=sys.stderr)
+        print(f"train.py: diverged: {err}; {_last_good_epoch(out / config.run_id)}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         print(f"train.py: interrupted; every completed epoch is saved under {out} "
@@ -158,6 +157,15 @@ def main(argv=None):
         print(f"train.py: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _last_good_epoch(run_dir):
+    """Where a diverged run's last good epoch is: its checkpoint, only if one was written (a run
+    diverging in its first epoch, or with --restart in the first epoch it retrains, has none)."""
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.is_file():
+        return f"its last good epoch is in {checkpoint}"
+    return f"no checkpoint was written for {run_dir.name} (it diverged in its first epoch)"
 
 
 def _one_line(err):

@@ -447,3 +447,23 @@ def test_summary_skips_and_names_broken_run_folders(tmp_path, capsys):
     for name in broken:
         assert f"- {tmp_path / name / 'record.json'}: " in out, name
     assert list(json.loads((tmp_path / "summary.json").read_text())) == [SMOKE_BN.cell]
+
+
+def test_divergence_message_says_whether_a_checkpoint_exists(tmp_path, capsys, monkeypatch):
+    """"The divergence guard message never points at a checkpoint that doesn't exist ... make it exact:
+    say whether a checkpoint exists for that run"."""
+    def diverge(model, dataset, *, checkpoint_path, **kwargs):
+        if "later" in str(checkpoint_path):  # an earlier epoch was saved
+            checkpoints.save_torch(checkpoint_path, {"epoch": 1})
+            raise loop.NonFiniteLossError(3, 2)
+        raise loop.NonFiniteStateError("c1.1.running_var", 1)
+    monkeypatch.setattr(fit_lib, "fit", diverge)
+
+    code, _, err = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path / "first")], capsys)
+    assert code == 3 and one_line(err) == (
+        "train.py: diverged: c1.1.running_var is NaN or infinite after epoch 1; lower the learning rate; "
+        f"no checkpoint was written for {SMOKE_BN.run_id} (it diverged in its first epoch)")
+    code, _, err = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path / "later")], capsys)
+    assert code == 3 and one_line(err) == (
+        "train.py: diverged: loss is NaN or infinite at epoch 2, batch 3; lower the learning rate; its last good "
+        f"epoch is in {tmp_path / 'later' / SMOKE_BN.run_id / 'checkpoint.pt'}")
