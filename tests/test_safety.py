@@ -467,3 +467,16 @@ def test_divergence_message_says_whether_a_checkpoint_exists(tmp_path, capsys, m
     assert code == 3 and one_line(err) == (
         "train.py: diverged: loss is NaN or infinite at epoch 2, batch 3; lower the learning rate; its last good "
         f"epoch is in {tmp_path / 'later' / SMOKE_BN.run_id / 'checkpoint.pt'}")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_notebooks_smoke_runs_the_notebooks_smoke_mode():
+    """"`make` target for the notebooks' smoke mode: add `notebooks-smoke` to the Makefile running
+    `scripts/run_notebooks.py --smoke ERA_*.ipynb` (writes copies under runs/)"."""
+    done = subprocess.run(["make", "-n", "notebooks-smoke"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert any("scripts/run_notebooks.py --smoke ERA_" in line for line in done.stdout.splitlines())
+    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main.__kwdefaults__["out"] == Path("runs/notebooks-smoke")
