@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import train
-from normstudy import checkpoints, cli, data, loop, models, report
+from normstudy import checkpoints, data, loop, models, report
 from normstudy import fit as fit_lib
 from normstudy import recipe as recipe_lib
 from normstudy import run as run_lib
