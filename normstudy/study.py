@@ -67,8 +67,8 @@ def groups_grid(groups=GROUP_COUNTS, batch_sizes=GROUPS_BATCH_SIZES, seeds=SEEDS
     """GroupNorm with each number of groups G, plus BatchNorm for reference (``bn``), at each batch
     size and seed (Table 3): (6 + 1) x 2 x 3 = 42 runs by default.
 
-    Every normalized layer of the network has 32 channels, so G must divide 32; channels per
-    group = 32/G. G=1 is LayerNorm (it runs as ``norm="gn", groups=1``, so the curve is one
+    Every normalized layer of the network has 32 channels, so the rule is: groups must divide 32;
+    channels per group = 32/G. G=1 is LayerNorm (it runs as ``norm="gn", groups=1``, so the curve is one
     model family throughout) and G=32 is InstanceNorm (one channel per group)."""
     configs = [RunConfig(norm="gn", groups=g, seed=seed, batch_size=batch, epochs=epochs, data=data)
                for g in _distinct(groups) for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]

@@ -30,6 +30,17 @@ class _Stopped(Exception):
     """Raised inside a worker thread at an epoch boundary once the runner is told to stop."""
 
 
+def _quietly(on_record):
+    """``on_record`` for the runs that finish while the runner stops: their records still reach
+    the caller (its summary), an error there no longer matters."""
+    def deliver(record):
+        try:
+            on_record(record)
+        except Exception:  # noqa: BLE001
+            pass
+    return deliver
+
+
 class LocalRunner:
     """Runs in this process, ``concurrency`` at a time (see the module docstring). ``log``
     receives one line per epoch of each run (prefixed with its run id), or nothing when ``None``.
@@ -145,8 +156,12 @@ class LocalRunner:
             if self.log is not None:
                 self.log("stopping: the running runs end with their current epoch (Ctrl-C again to quit now)")
             while running:  # a second Ctrl-C leaves this loop; the daemon threads die with the process
-                running -= self._deliver(results, failures, lambda record: None)
+                running -= self._deliver(results, failures, _quietly(on_record))
             raise
+        finally:
+            if not running:
+                for thread in workers:
+                    thread.join()
         return failures
 
     @staticmethod
