@@ -36,6 +36,14 @@ EPOCHS = 20
 GROUPS_BATCH_SIZES = (512, 16)  # the groups grid: the recipe's batch and one small one
 SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1}
 PROG = "python -m normstudy.study"
+DESCRIPTION = ("Train one of the study's grids: every norm at every batch size (Wu & He, Group Normalization, "
+               "2018, Table 2) or GroupNorm at each number of groups, with BatchNorm (Table 3).")
+EPILOG = """\
+Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover the grid
+and are rewritten as each run finishes; the figures (batch: test_error_vs_batch.png,
+bn_vs_gn_curves.png; groups: accuracy_vs_groups.png) when the grid ends or stops. Run the same
+command again to continue a stopped grid: finished runs are skipped, interrupted ones resume from
+their checkpoints."""
 FIGURES = {"batch": ("test_error_vs_batch.png", "bn_vs_gn_curves.png"), "groups": ("accuracy_vs_groups.png",)}
 
 
@@ -165,9 +173,7 @@ def _progress_bar(*, total, done, enabled):
 # --- the command line ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = cli._Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                    epilog=f"Runs go to OUT/<run id>/ (as train.py's); OUT/summary.json, OUT/results.md and the "
-                           f"figures ({', '.join(f for names in FIGURES.values() for f in names)}) cover the grid.",
+    p = cli._Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                     formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
     p.add_argument("grid", choices=("batch", "groups"),
                    help="batch: every norm at every batch size; groups: GroupNorm's number of groups, and BN")
@@ -194,7 +200,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
     p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
                    help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-run lines")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
     return p.parse_args(argv)
 
 
