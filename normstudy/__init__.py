@@ -15,6 +15,9 @@ One module per concern, each importing only from the ones listed before it:
     run         run_one(config, out) -> record: the one unit of work
     report      summaries and tables over records
     cli         the command line of train.py
+    runners     who executes a list of runs: LocalRunner (this process, threads), a Ray runner
+    study_report the study's summaries and tables (Wu & He's Tables 2 and 3), pure functions
+    study       the study's grids (batch size, groups), run_grid, `python -m normstudy.study`
 
 Start with :func:`normstudy.run.run_one` and :class:`normstudy.config.RunConfig`.
 """

@@ -23,8 +23,10 @@ from .fast import steps
 
 def seed_everything(seed):
     """Seed every generator this package draws from (torch on CPU and CUDA). Call it before
-    building the model, so that its initialization follows the seed too."""
-    torch.manual_seed(seed)
+    building the model, so that its initialization follows the seed too. (Under
+    :data:`models.GLOBAL_RNG_LOCK`: never in the middle of another thread's model building.)"""
+    with models.GLOBAL_RNG_LOCK:
+        torch.manual_seed(seed)
 
 
 def resolve_runtime(device, norm, runtime=None):
@@ -229,7 +231,8 @@ def _restore(training, state, path):
         training.model.load_state_dict(state["model"])
         training.optimizer.load_state_dict(state["optimizer"])
         training.scheduler.load_state_dict(state["scheduler"])
-        checkpoints.set_rng_state(state["rng"], training.train_loader.generator)
+        with models.GLOBAL_RNG_LOCK:
+            checkpoints.set_rng_state(state["rng"], training.train_loader.generator)
         history = state["history"]
         if set(history) != set(new_history()) or len({len(v) for v in history.values()}) != 1:
             raise ValueError("its history is incomplete")

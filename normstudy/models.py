@@ -15,13 +15,24 @@ and W) and ``"gn"`` (GroupNorm with ``groups`` groups). ``model_bn``, ``model_ln
 The forward pass returns raw logits; pair it with ``nn.CrossEntropyLoss``.
 :func:`fresh_model` builds the network a run starts from (seeded, then the recipe's
 initialization).
+
+:data:`GLOBAL_RNG_LOCK` is held by every step of a run that seeds or draws from torch's global
+random generator (building a model here, seeding and restoring it in :mod:`normstudy.fit`), so
+runs in several threads of one process (``runners.LocalRunner(concurrency=k)``) never interleave
+one run's seeding with another's initialization. Dropout also draws from that generator while
+training, unguarded: with a dropout above 0, concurrent runs are not reproducible (the recipe's
+dropout is 0).
 """
+import threading
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from . import recipe as recipe_lib
 from .config import NORMS
+
+GLOBAL_RNG_LOCK = threading.RLock()  # see the module docstring
 
 
 class GroupNorm(nn.GroupNorm):
@@ -153,7 +164,8 @@ class CifarNet(nn.Module):
 def fresh_model(norm, recipe, *, train_images, seed):
     """The network a run starts from: ``norm``'s variant built under ``seed`` (so its random
     initialization follows the seed), then the recipe's own initialization (the whitening of the
-    first conv computed from ``train_images``)."""
-    torch.manual_seed(seed)
-    model = CifarNet(norm, **recipe_lib.model_kwargs(recipe))
-    return recipe_lib.initialize(model, recipe, train_images)
+    first conv computed from ``train_images``). Holds :data:`GLOBAL_RNG_LOCK` throughout."""
+    with GLOBAL_RNG_LOCK:
+        torch.manual_seed(seed)
+        model = CifarNet(norm, **recipe_lib.model_kwargs(recipe))
+        return recipe_lib.initialize(model, recipe, train_images)

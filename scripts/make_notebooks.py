@@ -1,6 +1,8 @@
-"""Write the three top-level notebooks from one template (they differ only in the variant).
+"""Write the top-level notebooks from their templates: the three variants' (they differ only in the
+variant) and the study's (ERA_Session8_Norm_Study.ipynb: the tables and figures of the grids).
 
-    python scripts/make_notebooks.py            # rewrites ERA_Session8_Assignment_*_v1.ipynb, no outputs
+    python scripts/make_notebooks.py            # rewrites all four notebooks, no outputs
+    python scripts/make_notebooks.py study      # only the study's (names: bn ln gn study)
 
 tests/test_notebooks.py fails when a committed notebook's code differs from what this template makes.
 
@@ -106,11 +108,87 @@ def notebook(norm):
         "colab": {"provenance": []}})
 
 
-def main():
-    for norm, (filename, *_) in VARIANTS.items():
-        nbformat.write(notebook(norm), ROOT / filename)
+STUDY = "ERA_Session8_Norm_Study.ipynb"
+
+
+def study_cells():
+    return [
+        new_markdown_cell(
+            "# ERA Session 8: the normalization study\n\n"
+            "How the test error of the 48,736-parameter CIFAR-10 CNN depends on the batch size with BatchNorm, "
+            "LayerNorm and GroupNorm, and GroupNorm's on its number of groups, after Wu & He, *Group "
+            "Normalization* (2018), Tables 2 and 3. The runs are made by\n\n"
+            "    python -m normstudy.study batch --out results/batch-size    # 3 norms x 9 batch sizes x 3 seeds\n"
+            "    python -m normstudy.study groups --out results/groups       # G = 1..32 and BN, batch 512 and 16\n\n"
+            "(package `normstudy/`, module `study`); this notebook loads their summaries "
+            "(`summary.json` in each folder) and shows the tables and figures. With `SMOKE = True` (set "
+            "automatically when the `CI` environment variable is set) it instead runs a tiny grid in "
+            "seconds on any machine, 2 norms x 2 batch sizes x 1 seed x 1 epoch on small synthetic data, "
+            "and shows that: its accuracy is at chance level, on purpose."),
+        new_code_cell(SETUP),
+        new_code_cell(
+            "# Parameters\n"
+            "SMOKE = bool(os.environ.get('CI'))  # a tiny grid on synthetic data instead of the committed results\n"
+            "BATCH_RESULTS = 'results/batch-size'  # python -m normstudy.study batch --out results/batch-size\n"
+            "GROUPS_RESULTS = 'results/groups'  # python -m normstudy.study groups --out results/groups",
+            metadata={"tags": ["parameters"]}),
+        new_code_cell(
+            "from IPython.display import Markdown, display\n\n"
+            "from normstudy import plots, study, study_report\n\n"
+            "if SMOKE:  # 2 norms x 2 batch sizes x 1 seed x 1 epoch on synthetic data, in a temporary folder\n"
+            "    import tempfile\n"
+            "    BATCH_RESULTS = GROUPS_RESULTS = tempfile.mkdtemp(prefix='norm-study-smoke-')\n"
+            "    grid = study.batch_grid(norms=('bn', 'gn'), batch_sizes=(256, 512), seeds=(0,), epochs=1, data='synthetic')\n"
+            "    study.run_grid(grid, BATCH_RESULTS, progress=False)\n"
+            "batch = study_report.load_summary(BATCH_RESULTS)\n"
+            "groups = study_report.load_summary(GROUPS_RESULTS)\n"
+            "for name, folder, summary in (('batch', BATCH_RESULTS, batch), ('groups', GROUPS_RESULTS, groups)):\n"
+            "    print(f'{folder}: ' + (f\"{summary['finished']} of {summary['planned']} runs finished\" if summary else\n"
+            "                           f'no summary.json yet; make it with: python -m normstudy.study {name} --out {folder}'))"),
+        new_markdown_cell(
+            "## Test error vs batch size (Table 2)\n\n"
+            "Test error (%) = 100 − the mean test accuracy of the last 3 epochs, mean ± standard deviation over "
+            "seeds. The learning rate follows the batch size (linear rule, `normstudy/recipe.py`). "
+            "GN − BN: positive where GroupNorm errs more than BatchNorm."),
+        new_code_cell(
+            "if batch:\n"
+            "    display(Markdown(study_report.batch_table(batch)))\n"
+            "    plots.error_vs_batch(batch['cells'])"),
+        new_markdown_cell("BatchNorm and GroupNorm during training at the smallest batch size: training and test "
+                          "error per epoch, mean over seeds, ±1 standard deviation shaded."),
+        new_code_cell(
+            "if batch:\n"
+            "    plots.bn_vs_gn_curves(batch['cells'])"),
+        new_markdown_cell(
+            "## Number of groups (Table 3)\n\n"
+            "GroupNorm with G groups of 32/G channels each (every normalized layer has 32 channels): G=1 is "
+            "LayerNorm, G=32 InstanceNorm; BatchNorm at the same batch size for reference (dashed). "
+            "Δ vs best: each value minus the best of its row."),
+        new_code_cell(
+            "if groups:\n"
+            "    display(Markdown(study_report.groups_table(groups)))\n"
+            "    plots.accuracy_vs_groups(groups['cells'])"),
+    ]
+
+
+def study_notebook():
+    """The study's notebook, without outputs, as the template makes it."""
+    return new_notebook(cells=study_cells(), metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"}, "colab": {"provenance": []}})
+
+
+def main(names=None):
+    names = names or [*VARIANTS, "study"]
+    unknown = set(names) - {*VARIANTS, "study"}
+    if unknown:
+        raise SystemExit(f"unknown notebook(s): {', '.join(sorted(unknown))}; choose from bn ln gn study")
+    for name in names:
+        filename, nb = (STUDY, study_notebook()) if name == "study" else (VARIANTS[name][0], notebook(name))
+        nbformat.write(nb, ROOT / filename)
         print("wrote", filename)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(sys.argv[1:])

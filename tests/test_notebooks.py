@@ -1,5 +1,6 @@
-"""The three notebooks execute end to end in smoke mode (tiny synthetic data, one epoch, CPU),
-hold no logic of their own, and are exactly what their template makes."""
+"""The notebooks execute end to end in smoke mode (tiny synthetic data, one epoch, CPU), hold no
+logic of their own, and are exactly what their template makes: the three variants' and the
+study's (ERA_Session8_Norm_Study.ipynb)."""
 import importlib.util
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {"bn": "ERA_Session8_Assignment_BN_v1.ipynb", "ln": "ERA_Session8_Assignment_LayerNorm_v1.ipynb",
              "gn": "ERA_Session8_Assignment_GroupNorm_v1.ipynb"}
+STUDY = "ERA_Session8_Norm_Study.ipynb"
 
 
 def code_cells(nb):
@@ -49,11 +51,34 @@ def _template():
     return module
 
 
-@pytest.mark.parametrize("norm", NOTEBOOKS)
+@pytest.mark.parametrize("norm", [*NOTEBOOKS, "study"])
 def test_committed_notebook_is_what_the_template_makes(norm):
-    expected = _template().notebook(norm)
-    committed = nbformat.read(ROOT / NOTEBOOKS[norm], as_version=4)
+    template = _template()
+    expected = template.study_notebook() if norm == "study" else template.notebook(norm)
+    committed = nbformat.read(ROOT / (STUDY if norm == "study" else NOTEBOOKS[norm]), as_version=4)
     assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in expected.cells]
+
+
+def test_study_notebook_runs_a_tiny_grid_in_smoke_mode(monkeypatch):
+    monkeypatch.setenv("CI", "true")  # the notebook's smoke switch: a tiny grid in a temporary folder
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    committed = (ROOT / STUDY).read_bytes()
+    nb = nbformat.read(ROOT / STUDY, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert (ROOT / STUDY).read_bytes() == committed  # executed in memory only
+    outputs = [output for cell in code_cells(nb) for output in cell.get("outputs", [])]
+    text = "".join(output.get("text", "") + output.get("data", {}).get("text/markdown", "") for output in outputs)
+    assert "4 of 4 runs finished" in text
+    assert "| GN − BN |" in text and "| batch | G=2 | BN |" in text  # Table 2 and Table 3 layouts
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == 3  # batch, curves, groups
+
+
+def test_study_notebook_only_loads_and_shows():
+    source = "\n".join(cell.source for cell in code_cells(nbformat.read(ROOT / STUDY, as_version=4)))
+    assert "from normstudy import plots, study, study_report" in source
+    for forbidden in ("class ", "def ", "nn.", ".backward(", "optimizer"):
+        assert forbidden not in source
 
 
 def test_smoke_execution_script_writes_copies_and_leaves_the_notebooks_alone(tmp_path, monkeypatch):

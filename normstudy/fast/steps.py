@@ -8,10 +8,19 @@ of correct predictions as device tensors, so that the caller never has to wait f
 launch per step instead of a few hundred, which is what bounds a network this small. Its
 learning rate must be a tensor (``engine.fit`` makes it one) so that a scheduler can change it
 between replays.
+
+Runs in several threads of one process (``runners.LocalRunner(concurrency=k)``) may record at the
+same time: PyTorch allows one capture at a time per process, so recording holds
+:data:`CAPTURE_LOCK`, and captures in ``thread_local`` error mode, so that what the other threads
+do meanwhile (allocating, synchronizing their own streams) does not invalidate it. One thread
+alone behaves as before.
 """
 import contextlib
+import threading
 
 import torch
+
+CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in a process (see above)
 
 
 def correct_count(logits, labels):
@@ -95,6 +104,10 @@ class CudaGraphStep(EagerStep):
                         value.copy_(optim_state.get(id(param), {}).get(key, torch.zeros_like(value)))
 
     def _record(self, images, labels):
+        with CAPTURE_LOCK:
+            return self._record_alone(images, labels)
+
+    def _record_alone(self, images, labels):
         static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
         static_labels = labels.clone()
         snapshot = self._snapshot()
@@ -109,7 +122,7 @@ class CudaGraphStep(EagerStep):
         # graph's own memory) on every replay instead of adding to old ones.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_loss, static_correct = self.forward_backward(static_images, static_labels)
         self._restore(snapshot)
         return graph, static_images, static_labels, static_loss, static_correct

@@ -1,0 +1,107 @@
+"""Runners: who executes a list of runs, and where. The study (:func:`normstudy.study.run_grid`)
+hands one a list of :class:`~normstudy.config.RunConfig` and gets each run's record back.
+
+The interface every runner keeps (``LocalRunner`` here, a Ray runner in ``runners/ray.py``)::
+
+    runner.run(configs, *, out, data_dir, download, device, runtime, on_record) -> None
+
+- ``configs``: a list of :class:`RunConfig`, distinct, in the order they should start. The caller
+  has left out the finished ones; a runner still returns a finished run's record as it is
+  (:func:`run.run_one` does) rather than train it again.
+- ``out``: the folder of the grid. Every run owns ``out/<run id>/`` as :mod:`normstudy.run`
+  describes it. A run is finished once ``out/<run id>/record.json`` exists, on the machine that
+  called ``run``: a runner whose runs execute elsewhere ships the run's folder back (see
+  :func:`pack_run_folder` / :func:`unpack_run_folder`) *before* it reports the record.
+- ``data_dir``, ``download``: where the runs find CIFAR-10 (``data_dir`` as seen where they run).
+- ``device``: a device name (``"auto"``, ``"cuda"``, ``"cpu"``...), resolved where the runs
+  execute; ``runtime``: a preset name, a dict of overrides, or ``None`` (see
+  :func:`fit.resolve_runtime`). Both are plain JSON data, as are configs (``to_dict``) and records.
+- ``on_record(record)``: called once per finished run, in the thread that called ``run``, as
+  each run finishes (in the order they finish). The record is :func:`run.run_one`'s return value,
+  plain JSON data. If ``on_record`` raises, the runner stops as on an interruption and lets the
+  exception through.
+- Interrupted runs (a folder with ``checkpoint.pt`` and no record) continue from their
+  checkpoints (``run_one(..., resume=True)``): a grid resumes by running the same list again.
+- A run that fails (diverges, a refused folder) does not stop the others: once every run has
+  finished or failed, ``run`` raises :class:`RunsFailed` naming each failed run.
+- ``KeyboardInterrupt`` / ``SystemExit`` in the calling thread stop the runner: no new run starts,
+  the running ones stop with their last complete epoch in their checkpoints, the finished ones
+  are kept, and the exception goes on to the caller.
+- Errors that concern every run (no such device, the dataset missing) are raised before any run
+  starts, as they are (``ValueError``, ``data.DatasetError``...).
+
+:func:`make_runner` builds a runner by name (``train``'s ``--runner`` option).
+"""
+import importlib
+import os
+from pathlib import Path
+
+from .. import checkpoints
+
+RUNNERS = ("local", "ray")
+
+
+class RunsFailed(RuntimeError):
+    """Some runs failed; ``failures`` maps each one's run id to one line saying why."""
+
+    def __init__(self, failures):
+        self.failures = dict(failures)
+        super().__init__(f"{len(self.failures)} run{'s' if len(self.failures) > 1 else ''} failed: "
+                         + "; ".join(f"{run_id}: {why}" for run_id, why in self.failures.items()))
+
+
+def failure_line(err):
+    """One line saying why a run failed, e.g. ``diverged: loss is NaN ... at epoch 3, batch 7``."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"diverged: {text}" if isinstance(err, FloatingPointError) else f"{type(err).__name__}: {text}"
+
+
+def make_runner(name="local", *, concurrency=1, address=None, log=None):
+    """The runner called ``name``: ``"local"`` (:class:`~normstudy.runners.local.LocalRunner`, in this
+    process) or ``"ray"`` (``normstudy.runners.ray.RayRunner(address=..., concurrency=..., log=...)``,
+    on a Ray cluster). ``log`` receives progress lines (one per epoch of each run), or nothing.
+    ``ValueError`` (one line) for an unknown or unavailable runner or an option it does not take."""
+    if name == "local":
+        if address is not None:
+            raise ValueError("--address applies to --runner ray only")
+        from .local import LocalRunner
+        return LocalRunner(concurrency=concurrency, log=log)
+    if name == "ray":
+        try:
+            module = importlib.import_module(f"{__name__}.ray")
+        except ModuleNotFoundError as err:
+            if err.name == f"{__name__}.ray":
+                raise ValueError("the Ray runner is not available yet") from None
+            raise ValueError(f"the Ray runner needs the package {err.name!r}: "
+                             "pip install -r requirements-ray.txt -c requirements-lock.txt") from None
+        return module.RayRunner(address=address, concurrency=concurrency, log=log)
+    raise ValueError(f"unknown runner {name!r}; choose one of {', '.join(RUNNERS)}")
+
+
+# --- run folders between machines ---------------------------------------------------------------
+
+def pack_run_folder(run_dir, *, checkpoint=True):
+    """A run folder's files as ``{name: bytes}``, for shipping (a remote worker returning a
+    finished run, or a driver sending an interrupted one to be resumed). Leaves out the lock,
+    temporary files and, with ``checkpoint=False``, ``checkpoint.pt``."""
+    files = {}
+    for path in sorted(Path(run_dir).iterdir()):
+        if (path.is_file() and not path.name.startswith(".") and not path.name.endswith(".tmp")
+                and (checkpoint or path.name != "checkpoint.pt")):
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def unpack_run_folder(files, run_dir):
+    """Write ``files`` (as :func:`pack_run_folder` gives them) into ``run_dir``, each atomically and
+    ``record.json`` last, so the folder never looks finished before it is whole. Returns the record
+    (parsed), or ``None`` when there is none. Names with a path in them are refused."""
+    import json
+    run_dir = Path(run_dir)
+    for name in files:
+        if not name or name != os.path.basename(name) or name in (".", ".."):
+            raise ValueError(f"refusing to write {name!r}: not a plain file name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda name: name == "record.json"):
+        checkpoints.atomic_write(run_dir / name, lambda f, data=files[name]: f.write(data))
+    return json.loads(files["record.json"]) if "record.json" in files else None

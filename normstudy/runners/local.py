@@ -1,0 +1,182 @@
+"""Runs in this process: one after another, or ``concurrency`` at a time in threads.
+
+The dataset is read once per kind of data in the list (CIFAR-10, synthetic, a holdout split),
+moved to the device once and shared by every run (each run's loaders then find it there:
+``DeviceLoader``'s ``images.to(device)`` costs nothing). Runs write straight into ``out``.
+
+With ``concurrency > 1`` each run trains in a thread of its own, on CUDA under a CUDA stream of its
+own (``torch.cuda.stream``), so that small runs that leave the GPU idle between launches overlap.
+What a run computes does not depend on it: model building holds ``models.GLOBAL_RNG_LOCK``, and
+everything else a run draws at random comes from its own generator. (Dropout draws from the global
+generator unguarded: with a dropout above 0 concurrent runs are not reproducible; the recipe's
+dropout is 0.) How well runs overlap on a GPU is a matter of tuning, not of this module.
+
+Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``
+does: its last complete epoch is in its checkpoint. With threads, the running runs stop at the
+end of their current epoch, its checkpoint written (a second Ctrl-C quits without waiting; the
+threads are daemons and die with the process).
+"""
+import queue
+import threading
+
+import torch
+
+from .. import run as run_lib
+from .. import runtime as runtime_lib
+from . import RunsFailed, failure_line
+
+
+class _Stopped(Exception):
+    """Raised inside a worker thread at an epoch boundary once the runner is told to stop."""
+
+
+def _quietly(on_record):
+    """``on_record`` for the runs that finish while the runner stops: their records still reach
+    the caller (its summary), an error there no longer matters."""
+    def deliver(record):
+        try:
+            on_record(record)
+        except Exception:  # noqa: BLE001
+            pass
+    return deliver
+
+
+class LocalRunner:
+    """Runs in this process, ``concurrency`` at a time (see the module docstring). ``log``
+    receives one line per epoch of each run (prefixed with its run id), or nothing when ``None``.
+    ``figures``: each run's ``curves.png`` and ``misclassified.png``."""
+
+    def __init__(self, concurrency=1, *, log=None, figures=True):
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency={concurrency!r} must be a whole number >= 1")
+        self.concurrency = concurrency
+        self.log = log
+        self.figures = figures
+
+    def run(self, configs, *, out, data_dir="./data", download=True, device="auto", runtime=None, on_record):
+        """Run ``configs`` into ``out``; ``on_record(record)`` in this thread as each finishes
+        (the interface is in :mod:`normstudy.runners`)."""
+        configs = list(configs)
+        if not configs:
+            return
+        device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
+        datasets = self._load_datasets(configs, data_dir=data_dir, download=download, device=device)
+        options = dict(out=out, datasets=datasets, device=device, runtime=runtime)
+        if self.concurrency == 1 or len(configs) == 1:
+            failures = self._run_in_turn(configs, on_record=on_record, **options)
+        else:
+            failures = self._run_in_threads(configs, on_record=on_record, **options)
+        if failures:
+            raise RunsFailed(failures)
+
+    # --- the pieces ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _data_key(config):
+        return config.data, config.holdout
+
+    def _load_datasets(self, configs, *, data_dir, download, device):
+        """One dataset per kind of data among ``configs``, on ``device``."""
+        datasets = {}
+        for config in configs:
+            key = self._data_key(config)
+            if key not in datasets:
+                dataset = run_lib.load_data(config, data_dir=data_dir, download=download)
+                datasets[key] = {name: value.to(device) if torch.is_tensor(value) else value
+                                 for name, value in dataset.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the copies are done before other streams read them
+        return datasets
+
+    def _run_one(self, config, *, out, datasets, device, runtime, epoch_hook=None):
+        def log(line):
+            if self.log is not None:
+                self.log(f"{config.run_id}: {line}")
+            if epoch_hook is not None:
+                epoch_hook()
+        return run_lib.run_one(config, out, dataset=datasets[self._data_key(config)], device=device,
+                               runtime=runtime, resume=True, figures=self.figures, progress=False, log=log)
+
+    def _run_in_turn(self, configs, *, on_record, **options):
+        failures = {}
+        for config in configs:
+            try:
+                record = self._run_one(config, **options)
+            except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
+                failures[config.run_id] = failure_line(err)
+                continue
+            on_record(record)
+        return failures
+
+    def _run_in_threads(self, configs, *, on_record, device, **options):
+        todo = queue.SimpleQueue()
+        for config in configs:
+            todo.put(config)
+        results = queue.SimpleQueue()  # (kind, config, payload); kind "done" once per worker
+        stop = threading.Event()
+
+        def check_stop():
+            if stop.is_set():
+                raise _Stopped
+
+        def worker():
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            try:
+                while not stop.is_set():
+                    try:
+                        config = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        if stream is not None:
+                            with torch.cuda.stream(stream):
+                                record = self._run_one(config, device=device, epoch_hook=check_stop, **options)
+                            stream.synchronize()
+                        else:
+                            record = self._run_one(config, device=device, epoch_hook=check_stop, **options)
+                    except _Stopped:
+                        continue
+                    except BaseException as err:  # noqa: BLE001 - reported to the driver thread
+                        results.put(("failed", config, err))
+                        continue
+                    results.put(("record", config, record))
+            finally:
+                results.put(("done", None, None))
+
+        workers = [threading.Thread(target=worker, name=f"normstudy-run-{k}", daemon=True)
+                   for k in range(min(self.concurrency, len(configs)))]
+        failures, running = {}, len(workers)
+        for thread in workers:
+            thread.start()
+        try:
+            while running:
+                running -= self._deliver(results, failures, on_record)
+        except BaseException:
+            stop.set()  # no new run starts; running ones stop after their current epoch
+            if self.log is not None:
+                self.log("stopping: the running runs end with their current epoch (Ctrl-C again to quit now)")
+            while running:  # a second Ctrl-C leaves this loop; the daemon threads die with the process
+                running -= self._deliver(results, failures, _quietly(on_record))
+            raise
+        finally:
+            if not running:
+                for thread in workers:
+                    thread.join()
+        return failures
+
+    @staticmethod
+    def _deliver(results, failures, on_record):
+        """Handle one message of a worker (waiting for it); returns 1 when a worker has ended."""
+        while True:
+            try:
+                kind, config, payload = results.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
+                break
+            except queue.Empty:
+                continue
+        if kind == "done":
+            return 1
+        if kind == "failed":
+            failures[config.run_id] = failure_line(payload)
+        else:
+            on_record(payload)
+        return 0

@@ -1,0 +1,268 @@
+"""The study of issue 12: how each norm's test error depends on the batch size, and GroupNorm's on
+its number of groups (after Wu & He, *Group Normalization*, 2018, Tables 2 and 3).
+
+    python -m normstudy.study batch                 # BN, LN, GN x batch 2..512 x seeds 0 1 2: 81 runs
+    python -m normstudy.study groups                # GN with G = 1..32 and BN, at batch 512 and 16: 42 runs
+    python -m normstudy.study batch --smoke         # seconds: synthetic data, 1 epoch, seed 0, batch 256 and 512
+    python -m normstudy.study batch --out results/batch-size --concurrency 4
+
+A grid is a list of :class:`RunConfig` (:func:`batch_grid`, :func:`groups_grid`);
+:func:`run_grid` runs the unfinished ones through a runner (:mod:`normstudy.runners`) into
+``OUT/<run id>/`` and keeps ``OUT/summary.json``, ``OUT/results.md`` and the figures
+(:func:`write_summary`) up to date. Running the same command again continues the grid: finished
+runs are skipped, interrupted ones resume from their checkpoints.
+
+Bad input ends with one line on stderr and exit 2; failed (e.g. diverged) runs with exit 3 once
+the others are done; Ctrl-C or SIGTERM with exit 130 or 143, finished runs and checkpoints kept.
+"""
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from . import checkpoints
+from . import cli
+from . import data as data_lib
+from . import run as run_lib
+from . import runtime as runtime_lib
+from . import study_report
+from .config import NORMS, RunConfig
+from .runners import RUNNERS, RunsFailed, make_runner
+
+BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+GROUP_COUNTS = (1, 2, 4, 8, 16, 32)
+SEEDS = (0, 1, 2)
+EPOCHS = 20
+GROUPS_BATCH_SIZES = (512, 16)  # the groups grid: the recipe's batch and one small one
+SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1}
+PROG = "python -m normstudy.study"
+DESCRIPTION = ("Train one of the study's grids: every norm at every batch size (Wu & He, Group Normalization, "
+               "2018, Table 2) or GroupNorm at each number of groups, with BatchNorm (Table 3).")
+EPILOG = """\
+Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover the grid
+and are rewritten as each run finishes; the figures (batch: test_error_vs_batch.png,
+bn_vs_gn_curves.png; groups: accuracy_vs_groups.png) when the grid ends or stops. Run the same
+command again to continue a stopped grid: finished runs are skipped, interrupted ones resume from
+their checkpoints."""
+FIGURES = {"batch": ("test_error_vs_batch.png", "bn_vs_gn_curves.png"), "groups": ("accuracy_vs_groups.png",)}
+
+
+def _distinct(values):
+    return tuple(dict.fromkeys(values))
+
+
+def _order(configs):
+    """Seed by seed, largest batch first: a stopped grid has whole rows for its first seeds, and the
+    quick large-batch runs come before the slow small-batch ones."""
+    norms = {norm: k for k, norm in enumerate(NORMS)}
+    return sorted(configs, key=lambda c: (c.seed, -c.batch_size, norms[c.norm], c.groups or 0))
+
+
+def batch_grid(norms=NORMS, batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, gn_groups=None,
+               data="cifar10"):
+    """Every norm at every batch size and seed (Table 2): 3 x 9 x 3 = 81 runs by default.
+
+    GroupNorm has ``gn_groups`` groups (default: the recipe's, 2); the learning rate follows the
+    batch (``recipe.peak_lr``). ``data="synthetic"`` for smoke runs. Returns the configs in the
+    order they run (see :func:`_order`); duplicates are dropped."""
+    return _order([RunConfig(norm=norm, seed=seed, batch_size=batch, epochs=epochs, data=data,
+                             groups=gn_groups if norm == "gn" else None)
+                   for norm in _distinct(norms) for batch in _distinct(batch_sizes) for seed in _distinct(seeds)])
+
+
+def groups_grid(groups=GROUP_COUNTS, batch_sizes=GROUPS_BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *,
+                data="cifar10", bn=True):
+    """GroupNorm with each number of groups G, plus BatchNorm for reference (``bn``), at each batch
+    size and seed (Table 3): (6 + 1) x 2 x 3 = 42 runs by default.
+
+    Every normalized layer of the network has 32 channels, so the rule is: groups must divide 32;
+    channels per group = 32/G. G=1 is LayerNorm (it runs as ``norm="gn", groups=1``, so the curve is one
+    model family throughout) and G=32 is InstanceNorm (one channel per group)."""
+    configs = [RunConfig(norm="gn", groups=g, seed=seed, batch_size=batch, epochs=epochs, data=data)
+               for g in _distinct(groups) for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    if bn:
+        configs += [RunConfig(norm="bn", seed=seed, batch_size=batch, epochs=epochs, data=data)
+                    for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    return _order(configs)
+
+
+def write_summary(out, configs, records, *, kind=None, figures=True):
+    """``OUT/summary.json`` and ``OUT/results.md`` over ``records`` (those of ``configs``, the grid),
+    and with ``figures`` the grid's figures (:data:`FIGURES`); returns the summary."""
+    out = Path(out)
+    summary = study_report.summarize_grid(records, configs, kind=kind)
+    checkpoints.write_json(out / "summary.json", summary)
+    checkpoints.write_text(out / "results.md", study_report.results_markdown(summary))
+    if figures and summary["cells"]:
+        write_figures(out, summary)
+    return summary
+
+
+def write_figures(out, summary):
+    """The figures of a grid summary into ``out``: for the batch grid the test error against the
+    batch size and BN vs GN training curves at the smallest batch (when both ran there); for the
+    groups grid the accuracy against the number of groups."""
+    from . import plots
+    cells = summary["cells"]
+    if summary["kind"] == "batch":
+        checkpoints.save_figure(Path(out) / "test_error_vs_batch.png", plots.error_vs_batch(cells))
+        norms_at = {}
+        for cell in cells:
+            norms_at.setdefault(cell["batch_size"], set()).add(cell["norm"])
+        if any({"bn", "gn"} <= norms for norms in norms_at.values()):
+            checkpoints.save_figure(Path(out) / "bn_vs_gn_curves.png", plots.bn_vs_gn_curves(cells))
+    else:
+        checkpoints.save_figure(Path(out) / "accuracy_vs_groups.png", plots.accuracy_vs_groups(cells))
+
+
+def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, device="auto", runtime=None,
+             progress=True, kind=None):
+    """Run every unfinished config of ``configs`` into ``out`` and return all their records (in
+    the order of ``configs``; unfinished ones missing).
+
+    Finished runs (``OUT/<run id>/record.json``) are skipped; the rest go through ``runner``
+    (default ``LocalRunner()``), interrupted ones resuming from their checkpoints. The summary
+    (:func:`write_summary`: ``summary.json`` and ``results.md`` after every finished run, the
+    figures too at the end) covers the grid's runs only. ``progress``: a bar over the whole grid
+    (runs done of all, ETA) and a line per finished run; nothing with ``False``. An interruption
+    (Ctrl-C) or :class:`runners.RunsFailed` goes on to the caller once the summary is written.
+    """
+    configs = list(dict.fromkeys(configs))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = runner if runner is not None else make_runner("local")
+    records = {}
+    for config in configs:
+        record = run_lib.read_record(out / config.run_id)
+        if record is not None:
+            if RunConfig.from_dict(record["config"]) != config:
+                raise run_lib.RunFolderError(f"{out / config.run_id} holds another configuration; use another --out")
+            records[config.run_id] = record
+    todo = [config for config in configs if config.run_id not in records]
+    bar = _progress_bar(total=len(configs), done=len(records), enabled=progress)
+
+    def ordered():
+        return [records[c.run_id] for c in configs if c.run_id in records]
+
+    def on_record(record):
+        records[record["id"]] = record
+        write_summary(out, configs, ordered(), kind=kind, figures=False)
+        if progress:
+            final = record["final"]
+            bar.write(f"{record['id']}: test acc {final['test_acc']:.2f} % (last 3 epochs "
+                      f"{final['test_acc_last3_mean']:.2f} %), {record['seconds']:.0f} s")
+        bar.update(1)
+
+    try:
+        if todo:
+            runner.run(todo, out=out, data_dir=data_dir, download=download, device=device, runtime=runtime,
+                       on_record=on_record)
+    finally:
+        bar.close()
+        if records:
+            write_summary(out, configs, ordered(), kind=kind)
+    return ordered()
+
+
+def _progress_bar(*, total, done, enabled):
+    from .loop import tqdm  # tqdm.auto where ipywidgets is installed (a widget in notebooks)
+    return tqdm(total=total, initial=done, unit="run", desc="grid", disable=not enabled, dynamic_ncols=True,
+                smoothing=0)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = cli._Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
+    p.add_argument("grid", choices=("batch", "groups"),
+                   help="batch: every norm at every batch size; groups: GroupNorm's number of groups, and BN")
+    p.add_argument("--norms", nargs="+", choices=NORMS, help="batch grid: the norms (default: bn ln gn)")
+    p.add_argument("--batch-sizes", nargs="+", type=cli._positive_int, metavar="B",
+                   help=f"default: {' '.join(map(str, BATCH_SIZES))} (batch), "
+                        f"{' '.join(map(str, GROUPS_BATCH_SIZES))} (groups)")
+    p.add_argument("--groups", nargs="+", type=cli._positive_int, metavar="G",
+                   help=f"groups grid: the group counts, divisors of 32 (default: {' '.join(map(str, GROUP_COUNTS))}); "
+                        "batch grid: GroupNorm's one group count (default: the recipe's, 2)")
+    p.add_argument("--seeds", nargs="+", type=cli._seed, metavar="S",
+                   help=f"default: {' '.join(map(str, SEEDS))} (--smoke: 0)")
+    p.add_argument("--epochs", type=cli._positive_int, help=f"default: {EPOCHS} (--smoke: 1)")
+    p.add_argument("--out", help="the grid's folder (default: runs/study-batch or runs/study-groups; "
+                                 "with --smoke, runs/study-batch-smoke ...)")
+    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ (default: ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download the dataset")
+    p.add_argument("--smoke", action="store_true",
+                   help="small synthetic data, 1 epoch, seed 0, batch 256 and 512: seconds a run, accuracy near chance")
+    p.add_argument("--runner", choices=RUNNERS, default="local", help="local (this process; default) or ray")
+    p.add_argument("--concurrency", type=cli._positive_int, default=1,
+                   help="runs at once (local runner: threads of this process, a CUDA stream each; default 1)")
+    p.add_argument("--address", help="--runner ray: the Ray cluster's address (default: start a local one)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
+    p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
+                   help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
+    return p.parse_args(argv)
+
+
+def configs_from_args(args):
+    """The grid the arguments ask for; ``ValueError`` (one line) for a bad combination."""
+    seeds = args.seeds or (SMOKE["seeds"] if args.smoke else SEEDS)
+    epochs = args.epochs or (SMOKE["epochs"] if args.smoke else EPOCHS)
+    data = "synthetic" if args.smoke else "cifar10"
+    if args.grid == "batch":
+        if args.groups is not None and len(args.groups) != 1:
+            raise ValueError("--groups: the batch grid takes one group count (GroupNorm's), "
+                             f"got {len(args.groups)}")
+        if args.groups is not None and "gn" not in (args.norms or NORMS):
+            raise ValueError("--groups applies to GroupNorm only (--norms ... gn)")
+        return batch_grid(norms=args.norms or NORMS,
+                          batch_sizes=args.batch_sizes or (SMOKE["batch_sizes"] if args.smoke else BATCH_SIZES),
+                          seeds=seeds, epochs=epochs, gn_groups=args.groups[0] if args.groups else None, data=data)
+    if args.norms is not None:
+        raise ValueError("--norms applies to the batch grid only (the groups grid is GroupNorm and BN)")
+    return groups_grid(groups=args.groups or GROUP_COUNTS,
+                       batch_sizes=args.batch_sizes or (SMOKE["groups_batch_sizes"] if args.smoke else GROUPS_BATCH_SIZES),
+                       seeds=seeds, epochs=epochs, data=data)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or f"runs/study-{args.grid}" + ("-smoke" if args.smoke else ""))
+    signal.signal(signal.SIGTERM, cli._terminate)
+    prog = PROG
+    try:
+        configs = configs_from_args(args)  # bad settings are refused before any data is read
+        runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
+                             log=None if args.quiet else _write_line)
+        cli._writable_dir(out)
+        if not args.quiet:
+            print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
+        run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
+                 device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
+        if not args.quiet:
+            print((out / "results.md").read_text())
+    except RunsFailed as err:
+        print(f"{prog}: {err}; the other runs finished (see {out / 'results.md'})", file=sys.stderr)
+        return cli.EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished runs are kept in {out} and interrupted ones in their checkpoints "
+              "(run the same command again to continue)", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
+    except SystemExit as stop:
+        if stop.code == cli.EXIT_TERMINATED:
+            print(f"{prog}: terminated; finished runs are kept in {out} and interrupted ones in their "
+                  "checkpoints (run the same command again to continue)", file=sys.stderr)
+        raise
+    except (data_lib.DatasetError, checkpoints.CheckpointError, run_lib.RunFolderError, ValueError, OSError) as err:
+        print(f"{prog}: error: {cli._one_line(err)}", file=sys.stderr)
+        return cli.EXIT_BAD_INPUT
+    return 0
+
+
+def _write_line(line):
+    from .loop import tqdm
+    tqdm.write(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

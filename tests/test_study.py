@@ -1,0 +1,369 @@
+"""The study: grids, run_grid (skipping, resuming, stopping), the local runner's concurrency, the
+summary tables and figures, the command line. Runs use tiny synthetic data (128 training images,
+batches of 64: two steps an epoch) and draw no per-run figures."""
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from normstudy import data
+from normstudy import plots
+from normstudy import run as run_lib
+from normstudy import runners
+from normstudy import study
+from normstudy import study_report
+from normstudy.config import RunConfig
+from normstudy.runners.local import LocalRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = {"seconds"}, {"epoch_seconds"}, {"seconds_per_epoch"}  # record, history, final
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def tiny_data(monkeypatch):
+    """Synthetic runs read 128 training and 64 test images instead of 1,024 and 256."""
+    tiny = data.load_synthetic_cifar10(n_train=128, n_test=64)
+    real = run_lib.load_data
+
+    def load_data(config, **kwargs):
+        return tiny if config.data == "synthetic" else real(config, **kwargs)
+    monkeypatch.setattr(run_lib, "load_data", load_data)
+    return tiny
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """Every call of run_one that trains (not one that returns a finished record), by run id."""
+    calls = []
+    real = run_lib.run_one
+
+    def run_one(config, out, **kwargs):
+        if run_lib.read_record(Path(out) / config.run_id) is None:
+            calls.append(config.run_id)
+        return real(config, out, **kwargs)
+    monkeypatch.setattr(run_lib, "run_one", run_one)
+    return calls
+
+
+def small_grid(norms=("bn", "gn"), seeds=(0,), epochs=1):
+    return study.batch_grid(norms=norms, batch_sizes=(64,), seeds=seeds, epochs=epochs, data="synthetic")
+
+
+def without_timings(record):
+    record = {key: value for key, value in record.items() if key not in TIMING[0]}
+    record["history"] = {key: value for key, value in record["history"].items() if key not in TIMING[1]}
+    record["final"] = {key: value for key, value in record["final"].items() if key not in TIMING[2]}
+    return record
+
+
+# --- grids --------------------------------------------------------------------------------------
+
+def test_batch_grid_is_every_norm_at_every_batch_and_seed():
+    grid = study.batch_grid()
+    assert len(grid) == len({c.run_id for c in grid}) == 81
+    assert {(c.norm, c.batch_size, c.seed, c.epochs) for c in grid} == {
+        (n, b, s, 20) for n in ("bn", "ln", "gn") for b in (2, 4, 8, 16, 32, 64, 128, 256, 512) for s in (0, 1, 2)}
+    assert {c.groups for c in grid if c.norm == "gn"} == {2}
+    # seed by seed, largest batch first
+    assert [c.run_id for c in grid[:4]] == ["bn-b512-e20-s0", "ln-b512-e20-s0", "gn-g2-b512-e20-s0", "bn-b256-e20-s0"]
+    assert [c.seed for c in grid] == sorted(c.seed for c in grid)
+    assert len(study.batch_grid(norms=("gn", "gn"), batch_sizes=(8, 8), seeds=(1,), gn_groups=32)) == 1
+
+
+def test_groups_grid_is_gn_with_each_group_count_and_bn():
+    grid = study.groups_grid()
+    assert len(grid) == len({c.run_id for c in grid}) == (6 + 1) * 2 * 3
+    gn = [c for c in grid if c.norm == "gn"]
+    assert sorted({c.groups for c in gn}) == [1, 2, 4, 8, 16, 32]  # G=1 is GN with one group: LN
+    assert {c.batch_size for c in grid} == {512, 16}
+    assert {(c.batch_size, c.seed) for c in grid if c.norm == "bn"} == {(b, s) for b in (512, 16) for s in (0, 1, 2)}
+    assert "groups must divide 32; channels per group = 32/G" in " ".join(study.groups_grid.__doc__.split())
+    assert len(study.groups_grid(batch_sizes=(512,), seeds=(0,), bn=False)) == 6
+    with pytest.raises(ValueError, match="groups=3 must divide the 32 channels"):
+        study.groups_grid(groups=(3,))
+
+
+# --- run_grid -----------------------------------------------------------------------------------
+
+def test_run_grid_runs_everything_then_skips_finished_runs(tmp_path, tiny_data, trainings):
+    grid = small_grid(seeds=(0, 1))
+    records = study.run_grid(grid, tmp_path, runner=LocalRunner(figures=False), progress=False)
+    assert sorted(trainings) == sorted(c.run_id for c in grid)
+    assert [r["id"] for r in records] == [c.run_id for c in grid]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["cell"] for c in summary["cells"]] == ["bn-b64-e1-synthetic", "gn-g2-b64-e1-synthetic"]
+    assert summary["kind"] == "batch" and summary["finished"] == summary["planned"] == 4 and not summary["missing"]
+    assert summary["cells"][0]["seeds"] == [0, 1]
+    assert "| GN − BN |" in (tmp_path / "results.md").read_text()
+    for name in ("test_error_vs_batch.png", "bn_vs_gn_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    trainings.clear()
+    again = study.run_grid(grid, tmp_path, runner=LocalRunner(figures=False), progress=False)
+    assert trainings == [] and again == records
+
+
+def test_an_interrupted_grid_keeps_its_summary_and_resumes(tmp_path, tiny_data, monkeypatch):
+    grid = small_grid(norms=("bn", "ln", "gn"), epochs=2)
+    real, trained, interrupt = run_lib.run_one, [], [True]
+
+    def run_one(config, out, **kwargs):
+        if run_lib.read_record(Path(out) / config.run_id) is None:
+            trained.append(config.run_id)
+        if interrupt[0] and len(trained) == 2:  # the second run: Ctrl-C once its first epoch is saved
+            def log(line):
+                if "epoch  1/2" in line:
+                    raise KeyboardInterrupt
+            kwargs["log"] = log
+        return real(config, out, **kwargs)
+
+    monkeypatch.setattr(run_lib, "run_one", run_one)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_grid(grid, tmp_path, runner=LocalRunner(figures=False), progress=False)
+    first, second, third = (tmp_path / c.run_id for c in grid)
+    assert (first / "record.json").exists()
+    assert (second / "checkpoint.pt").exists() and not (second / "record.json").exists()
+    assert not third.exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] == 1 and summary["missing"] == [grid[1].run_id, grid[2].run_id]
+
+    interrupt[0], lines = False, []
+    trained.clear()
+    records = study.run_grid(grid, tmp_path, runner=LocalRunner(figures=False, log=lines.append), progress=False)
+    assert trained == [grid[1].run_id, grid[2].run_id]  # the finished run is not trained again
+    assert any(line.startswith(f"{grid[1].run_id}: ") and "resumed from" in line for line in lines)
+    assert [len(r["history"]["test_acc"]) for r in records] == [2, 2, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["finished"] == 3
+
+
+def test_concurrent_runs_give_the_same_records_and_failures(tmp_path, tiny_data, monkeypatch):
+    diverging = RunConfig(norm="bn", seed=0, batch_size=64, epochs=1, data="synthetic",
+                          overrides=(("lr_per_32", 1e6),))
+    grid = small_grid(norms=("bn", "gn"), seeds=(0, 1)) + [diverging]
+    threads, delivered_in = set(), set()
+    real = run_lib.run_one
+
+    def run_one(config, out, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(config, out, **kwargs)
+    monkeypatch.setattr(run_lib, "run_one", run_one)
+
+    results = {}
+    for concurrency in (1, 2):
+        out = tmp_path / f"c{concurrency}"
+        got = []
+
+        def on_record(record):
+            delivered_in.add(threading.current_thread() is threading.main_thread())
+            got.append(record)
+        with pytest.raises(runners.RunsFailed) as failed:
+            LocalRunner(concurrency, figures=False).run(grid, out=out, data_dir=tmp_path, download=False,
+                                                        device="cpu", runtime=None, on_record=on_record)
+        assert list(failed.value.failures) == [diverging.run_id]
+        assert failed.value.failures[diverging.run_id].startswith("diverged: ")
+        results[concurrency] = {r["id"]: without_timings(r) for r in got}
+        assert not (out / diverging.run_id / "record.json").exists()
+    assert len([name for name in threads if name.startswith("normstudy-run-")]) == 2  # two at a time
+    assert delivered_in == {True}  # on_record in the calling thread
+    assert results[1] == results[2] and len(results[1]) == 4
+
+
+def test_stopping_threaded_runs_keeps_their_checkpoints(tmp_path, tiny_data):
+    grid = small_grid(norms=("bn", "ln", "gn"), epochs=2)
+
+    delivered = []
+
+    def stop(record):  # Ctrl-C as the first run finishes
+        delivered.append(record["id"])
+        if len(delivered) == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        LocalRunner(2, figures=False).run(grid, out=tmp_path, device="cpu", on_record=stop)
+    assert not [t for t in threading.enumerate() if t.name.startswith("normstudy-run-")]  # all ended
+    finished = [c.run_id for c in grid if (tmp_path / c.run_id / "record.json").exists()]
+    assert sorted(finished) == sorted(delivered)  # runs that finished while stopping are delivered too
+    assert len(finished) < len(grid)
+    for config in grid:
+        folder = tmp_path / config.run_id
+        assert not folder.exists() or (folder / "record.json").exists() or (folder / "checkpoint.pt").exists()
+        assert not (folder / ".lock").exists() or (folder / ".lock").read_text() == ""  # released
+
+
+# --- runners ------------------------------------------------------------------------------------
+
+def test_make_runner_names_and_refusals():
+    assert isinstance(runners.make_runner("local", concurrency=3), LocalRunner)
+    with pytest.raises(ValueError, match="^the Ray runner is not available yet$"):
+        runners.make_runner("ray", address="auto")
+    with pytest.raises(ValueError, match="--address applies to --runner ray only"):
+        runners.make_runner("local", address="auto")
+    with pytest.raises(ValueError, match="concurrency=0 must be"):
+        LocalRunner(0)
+
+
+def test_run_folders_travel_whole_and_finish_last(tmp_path, monkeypatch):
+    source = tmp_path / "a" / "bn-b512-e1-s0"
+    source.mkdir(parents=True)
+    for name, text in {"config.json": "{}", "record.json": '{"id": "bn-b512-e1-s0"}', "checkpoint.pt": "c",
+                       "weights.pt": "w", ".lock": "", ".weights.pt.x.tmp": "half"}.items():
+        (source / name).write_text(text)
+    files = runners.pack_run_folder(source)
+    assert sorted(files) == ["checkpoint.pt", "config.json", "record.json", "weights.pt"]
+    assert "checkpoint.pt" not in runners.pack_run_folder(source, checkpoint=False)
+    written = []
+    real = runners.checkpoints.atomic_write
+    monkeypatch.setattr(runners.checkpoints, "atomic_write", lambda path, write: written.append(path.name) or real(path, write))
+    record = runners.unpack_run_folder(files, tmp_path / "b" / source.name)
+    assert record == {"id": "bn-b512-e1-s0"} and written[-1] == "record.json" and len(written) == 4
+    assert (tmp_path / "b" / source.name / "weights.pt").read_text() == "w"
+    with pytest.raises(ValueError, match="not a plain file name"):
+        runners.unpack_run_folder({"../evil": b""}, tmp_path / "c")
+
+
+# --- summaries and tables -----------------------------------------------------------------------
+
+def fake_record(norm, batch, seed, test_acc, *, groups=None, epochs=3):
+    """A record as run_one writes it, with ``test_acc`` the per-epoch test accuracies."""
+    config = RunConfig(norm=norm, groups=groups, batch_size=batch, seed=seed, epochs=epochs)
+    history = {"train_acc": [a + 5 for a in test_acc], "test_acc": list(test_acc),
+               "epoch_seconds": [1.0] * len(test_acc)}
+    return {"id": config.run_id, "config": config.to_dict(), "device": "cpu", "history": history,
+            "final": {"test_acc": test_acc[-1], "test_acc_last3_mean": sum(test_acc[-3:]) / 3,
+                      "seconds_per_epoch": 1.0}}
+
+
+def test_summary_means_and_spreads_over_seeds():
+    records = [fake_record("bn", 32, 0, [50, 60, 70, 80], epochs=4), fake_record("bn", 32, 1, [50, 60, 74, 84], epochs=4),
+               fake_record("bn", 32, 2, [50, 60, 72, 82], epochs=4)]
+    grid = study.batch_grid(norms=("bn",), batch_sizes=(32,), seeds=(0, 1, 2, 3), epochs=4)
+    summary = study_report.summarize_grid(records, grid)
+    cell, = summary["cells"]
+    assert cell["seeds"] == [0, 1, 2] and cell["variant"] == "BN"
+    assert cell["test_acc"]["mean"] == pytest.approx(82) and cell["test_acc"]["std"] == pytest.approx(2)
+    assert cell["test_error"]["mean"] == pytest.approx(18)
+    assert cell["test_acc_last3_mean"]["values"] == pytest.approx([70, 72.6666667, 71.3333333])
+    assert cell["test_error_last3_mean"]["mean"] == pytest.approx(100 - 214 / 3)
+    assert cell["curves"]["test_error"]["mean"] == pytest.approx([50, 40, 28, 18])
+    assert cell["curves"]["train_error"]["std"][-1] == pytest.approx(2)
+    assert summary["planned"] == 4 and summary["finished"] == 3 and summary["missing"] == ["bn-b32-e4-s3"]
+
+
+def batch_records():
+    """BN better at batch 32, worse at batch 2; one seed of LN; GN at batch 2 only."""
+    return [fake_record("bn", 32, 0, [80, 80, 80]), fake_record("bn", 32, 1, [82, 82, 82]),
+            fake_record("bn", 2, 0, [60, 60, 60]), fake_record("bn", 2, 1, [64, 64, 64]),
+            fake_record("ln", 32, 0, [75, 75, 75]),
+            fake_record("gn", 2, 0, [70, 70, 70], groups=4), fake_record("gn", 2, 1, [71, 71, 71], groups=4)]
+
+
+def test_batch_table_is_table_2_with_a_gn_minus_bn_row():
+    table = study_report.batch_table(study_report.summarize_grid(batch_records()))
+    assert table.splitlines() == [
+        "| norm | 2 | 32 |",
+        "|---|---:|---:|",
+        "| BN | 38.00 ± 2.83 | 19.00 ± 1.41 |",
+        "| LN | — | 25.00 |",
+        "| GN (G=4) | 29.50 ± 0.71 | — |",
+        "| GN − BN | -8.50 | — |"]
+
+
+def test_groups_table_is_table_3_with_bn_and_distance_to_the_best():
+    records = [fake_record("gn", 16, 0, [70, 70, 70], groups=1), fake_record("gn", 16, 0, [72, 72, 72], groups=8),
+               fake_record("gn", 16, 0, [66, 66, 66], groups=32), fake_record("bn", 16, 0, [71, 71, 71]),
+               fake_record("gn", 512, 0, [80, 80, 80], groups=8)]
+    summary = study_report.summarize_grid(records)
+    assert summary["kind"] == "groups"
+    assert study_report.groups_table(summary).splitlines() == [
+        "| batch | G=1 (LN) | G=8 | G=32 (IN) | BN |",
+        "|---|---:|---:|---:|---:|",
+        "| channels per group | 32 | 4 | 1 | — |",
+        "| 512 | — | 20.00 | — | — |",
+        "| 512: Δ vs best | — | +0.00 | — | — |",
+        "| 16 | 30.00 | 28.00 | 34.00 | 29.00 |",
+        "| 16: Δ vs best | +2.00 | +0.00 | +6.00 | +1.00 |"]
+    text = study_report.results_markdown(summary)
+    assert text.startswith("# Test error vs number of groups") and "G=32 InstanceNorm" in text
+
+
+def test_results_markdown_names_missing_runs():
+    grid = study.batch_grid(norms=("bn",), batch_sizes=(2, 32), seeds=(0, 1, 2), epochs=3)
+    records = [r for r in batch_records() if r["config"]["norm"] == "bn"]
+    text = study_report.results_markdown(study_report.summarize_grid(records, grid))
+    assert "4 of 6 runs finished" in text and "Missing (2 runs not finished): bn-b32-e3-s2, bn-b2-e3-s2." in text
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def test_figures_have_a_line_per_variant_on_log2_axes():
+    cells = study_report.summarize_grid(batch_records())["cells"]
+    ax, = plots.error_vs_batch(cells).axes
+    assert [line.get_label() for line in ax.lines] == ["BN", "LN", "GN (G=4)"]
+    assert ax.get_xscale() == "log" and list(ax.lines[0].get_xdata()) == [2, 32]
+    assert len(ax.collections) == 3  # the shaded spreads
+
+    panels = plots.bn_vs_gn_curves(cells).axes  # batch 2: the only one with both
+    assert [[line.get_label() for line in ax.lines] for ax in panels] == [["BN", "GN (G=4)"]] * 2
+    assert list(panels[1].lines[0].get_ydata()) == pytest.approx([38, 38, 38])
+
+    records = [fake_record("gn", b, 0, [70 + g] * 3, groups=g) for b in (16, 512) for g in (1, 2, 32)]
+    records += [fake_record("bn", b, 0, [75] * 3) for b in (16, 512)]
+    ax, = plots.accuracy_vs_groups(study_report.summarize_grid(records)["cells"]).axes
+    assert [line.get_label() for line in ax.lines] == ["GN, batch 512", "BN, batch 512", "GN, batch 16", "BN, batch 16"]
+    assert list(ax.lines[0].get_xdata()) == [1, 2, 32] and ax.get_xscale() == "log"
+    assert list(ax.lines[1].get_ydata()) == [75, 75]  # BN: a horizontal line
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def run_main(argv, capsys):
+    try:
+        code = study.main(argv)
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_command_runs_a_smoke_grid(tmp_path, tiny_data, capsys):
+    code, out, err = run_main(["batch", "--smoke", "--norms", "gn", "--batch-sizes", "64", "--groups", "4",
+                               "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "gn-g4-b64-e1-s0-synthetic" / "record.json").exists()
+    assert "| GN (G=4) |" in out and "gn-g4-b64-e1-s0-synthetic: test acc" in out
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["groups", "--groups", "3"], r"groups=3 must divide the 32 channels"),
+    (["batch", "--groups", "1", "2"], r"--groups: the batch grid takes one group count"),
+    (["batch", "--norms", "bn", "--groups", "4"], r"--groups applies to GroupNorm only"),
+    (["groups", "--norms", "bn"], r"--norms applies to the batch grid only"),
+    (["batch", "--runner", "ray"], r"the Ray runner is not available yet"),
+    (["batch", "--address", "auto"], r"--address applies to --runner ray only"),
+    (["batch", "--batch-sizes", "0"], r"argument --batch-sizes: 0 must be positive"),
+    (["batch", "--norms", "xn"], r"argument --norms: invalid choice: 'xn'"),
+    (["table"], r"argument grid: invalid choice: 'table'"),
+    (["batch", "--smoke", "--device", "cuda:7"], r"device 'cuda:7' is not"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, pattern, tmp_path, capsys):
+    code, _, err = run_main(argv + ["--quiet", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+
+
+def test_module_entry_point(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "normstudy.study", "batch", "--runner", "ray", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["python -m normstudy.study: error: the Ray runner is not available yet"]
