@@ -201,9 +201,10 @@ def test_stopping_threaded_runs_keeps_their_checkpoints(tmp_path, tiny_data):
 
 # --- runners ------------------------------------------------------------------------------------
 
-def test_make_runner_names_and_refusals():
+def test_make_runner_names_and_refusals(monkeypatch):
     assert isinstance(runners.make_runner("local", concurrency=3), LocalRunner)
-    with pytest.raises(ValueError, match="^the Ray runner is not available yet$"):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ValueError, match=r"needs Ray, which is not installed: pip install -r requirements-ray.txt$"):
         runners.make_runner("ray", address="auto")
     with pytest.raises(ValueError, match="--address applies to --runner ray only"):
         runners.make_runner("local", address="auto")
@@ -347,7 +348,6 @@ def test_command_runs_a_smoke_grid(tmp_path, tiny_data, capsys):
     (["batch", "--groups", "1", "2"], r"--groups: the batch grid takes one group count"),
     (["batch", "--norms", "bn", "--groups", "4"], r"--groups applies to GroupNorm only"),
     (["groups", "--norms", "bn"], r"--norms applies to the batch grid only"),
-    (["batch", "--runner", "ray"], r"the Ray runner is not available yet"),
     (["batch", "--address", "auto"], r"--address applies to --runner ray only"),
     (["batch", "--batch-sizes", "0"], r"argument --batch-sizes: 0 must be positive"),
     (["batch", "--norms", "xn"], r"argument --norms: invalid choice: 'xn'"),
@@ -362,8 +362,13 @@ def test_bad_input_is_one_line_and_exit_2(argv, pattern, tmp_path, capsys):
     assert __import__("re").search(pattern, lines[0]), lines[0]
 
 
-def test_module_entry_point(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "normstudy.study", "batch", "--runner", "ray", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT)
+def test_module_entry_point_says_in_one_line_how_to_install_ray(tmp_path):
+    # A real process without Ray (hidden from it): exit 2 and the one line that says what to install.
+    script = ("import sys, runpy; sys.modules['ray'] = None; "
+              f"sys.argv = ['x', 'batch', '--runner', 'ray', '--out', {str(tmp_path)!r}]; "
+              "runpy.run_module('normstudy.study', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["python -m normstudy.study: error: the Ray runner is not available yet"]
+    assert done.stderr.strip().splitlines() == [
+        "python -m normstudy.study: error: the ray runner needs Ray, which is not installed: "
+        "pip install -r requirements-ray.txt"]

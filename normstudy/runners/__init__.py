@@ -32,7 +32,6 @@ The interface every runner keeps (``LocalRunner`` here, a Ray runner in ``runner
 
 :func:`make_runner` builds a runner by name (``train``'s ``--runner`` option).
 """
-import importlib
 import os
 from pathlib import Path
 
@@ -58,8 +57,9 @@ def failure_line(err):
 
 def make_runner(name="local", *, concurrency=1, address=None, log=None):
     """The runner called ``name``: ``"local"`` (:class:`~normstudy.runners.local.LocalRunner`, in this
-    process) or ``"ray"`` (``normstudy.runners.ray.RayRunner(address=..., concurrency=..., log=...)``,
-    on a Ray cluster). ``log`` receives progress lines (one per epoch of each run), or nothing.
+    process) or ``"ray"`` (:class:`~normstudy.runners.ray.RayRunner`, Ray actors on this machine or a
+    cluster; ``concurrency`` is then the runs each worker trains at once). ``log`` receives progress
+    lines (local: one per epoch of each run; ray: the cluster and lost workers), or nothing.
     ``ValueError`` (one line) for an unknown or unavailable runner or an option it does not take."""
     if name == "local":
         if address is not None:
@@ -67,14 +67,12 @@ def make_runner(name="local", *, concurrency=1, address=None, log=None):
         from .local import LocalRunner
         return LocalRunner(concurrency=concurrency, log=log)
     if name == "ray":
+        from . import ray as ray_runner  # imports without Ray; RayRunner says how to install it
         try:
-            module = importlib.import_module(f"{__name__}.ray")
-        except ModuleNotFoundError as err:
-            if err.name == f"{__name__}.ray":
-                raise ValueError("the Ray runner is not available yet") from None
-            raise ValueError(f"the Ray runner needs the package {err.name!r}: "
-                             "pip install -r requirements-ray.txt -c requirements-lock.txt") from None
-        return module.RayRunner(address=address, concurrency=concurrency, log=log)
+            return ray_runner.RayRunner(address=address, runs_per_worker=concurrency if concurrency > 1 else None,
+                                        log=log or (lambda line: None))
+        except ray_runner.RayRunnerError as err:
+            raise ValueError(str(err)) from None
     raise ValueError(f"unknown runner {name!r}; choose one of {', '.join(RUNNERS)}")
 
 

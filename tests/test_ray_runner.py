@@ -1,0 +1,133 @@
+"""The Ray runner on CPU with an embedded Ray: the same records and files as run_one, no run lost
+or counted twice when a worker dies, resume across runners, and one line when Ray is missing."""
+import importlib
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+
+import normstudy.runners
+from normstudy import checkpoints, report
+from normstudy import run as run_lib
+from normstudy.config import RunConfig
+from normstudy.runners import ray as ray_runner
+
+GRID = [RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=0),
+        RunConfig(norm="gn", data="synthetic", epochs=1, batch_size=512, seed=1)]
+EXTRA = RunConfig(norm="ln", data="synthetic", epochs=1, batch_size=512, seed=2)
+TIMING = {"seconds", "device"}  # record fields that differ between any two executions
+
+
+def comparable(record):
+    """A record without its timings (and the figures derived from them)."""
+    record = {key: value for key, value in record.items() if key not in TIMING}
+    record["history"] = {k: v for k, v in record["history"].items() if k != "epoch_seconds"}
+    record["final"] = {k: v for k, v in record["final"].items() if k != "seconds_per_epoch"}
+    return record
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One embedded Ray of 2 CPUs for the whole module (its start costs seconds)."""
+    ray = pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
+    ray_runner.init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """GRID trained by run_one in this process: {run id: (record, run folder)}."""
+    out = tmp_path_factory.mktemp("direct")
+    return {config.run_id: (run_lib.run_one(config, out, progress=False, log=lambda line: None, device="cpu"),
+                            out / config.run_id) for config in GRID}
+
+
+def test_ray_runner_gives_the_records_and_files_of_run_one(ray_cluster, references, tmp_path):
+    lines, seen = [], []
+    runner = ray_runner.RayRunner(runs_per_worker=2, log=lines.append)  # both runs at once, in one worker
+    records = runner.run(GRID, out=tmp_path, device="cpu", on_record=seen.append)
+    assert lines == ["ray: 1 worker(s) on 1 node(s), GPUs: 0 (CPU workers, 2 CPU(s) each), 2 run(s) at a time per worker"]
+    assert [r["id"] for r in records] == [c.run_id for c in GRID]
+    assert sorted(r["id"] for r in seen) == sorted(c.run_id for c in GRID)
+    for record in records:
+        reference, reference_dir = references[record["id"]]
+        assert comparable(record) == comparable(reference)
+        run_dir = tmp_path / record["id"]
+        assert comparable(json.loads((run_dir / "record.json").read_text())) == comparable(reference)
+        # The same files, less the checkpoint (only an unfinished run needs one).
+        assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+            p.name for p in reference_dir.iterdir() if p.name != "checkpoint.pt")
+        for name in ("config.json", "curves.png", "misclassified.png"):
+            assert (run_dir / name).read_bytes() == (reference_dir / name).read_bytes(), name
+        ours, theirs = (checkpoints.load_torch(d / "weights.pt") for d in (run_dir, reference_dir))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert runner.actors == [] and runner.retries == 0
+
+
+def test_a_lost_worker_loses_no_run_and_counts_none_twice(ray_cluster, references, tmp_path):
+    # A grid stopped midway on the local runner: its first run is finished in out.
+    done_id = GRID[0].run_id
+    shutil.copytree(references[done_id][1], tmp_path / done_id)
+    grid = [*GRID, EXTRA]
+    lines, seen, killed = [], [], []
+    runner = ray_runner.RayRunner(runs_per_worker=1, log=lines.append)
+
+    def kill_the_worker_once(record):
+        seen.append(record["id"])
+        if record["id"] != done_id and not killed:  # mid-grid: the worker has started the last run
+            killed.extend(runner.actors)
+            ray_cluster.kill(killed[0], no_restart=False)
+
+    records = runner.run(grid, out=tmp_path, device="cpu", on_record=kill_the_worker_once)
+    assert len(killed) == 1 and runner.retries == 1
+    assert lines[1].startswith("ray: worker 0 lost (") and lines[1].endswith("); starting another")
+    assert lines[2:] == [f"ray: {EXTRA.run_id} goes back to the queue (attempt 2 of 3)"]
+    assert seen == [done_id, GRID[1].run_id, EXTRA.run_id]  # each once; the finished one not trained again
+    assert [r["id"] for r in records] == [c.run_id for c in grid]
+    assert comparable(records[1]) == comparable(references[GRID[1].run_id][0])
+    finished, skipped = report.load_records(tmp_path)
+    assert [r["id"] for r in finished] == sorted(c.run_id for c in grid) and skipped == []
+    summary = report.summarize(finished)
+    assert [(s["norm"], s["seeds"]) for s in summary.values()] == [("bn", [0]), ("ln", [2]), ("gn", [1])]
+
+
+def test_finished_runs_are_not_trained_again(ray_cluster, references, tmp_path):
+    for run_id, (_, run_dir) in references.items():
+        shutil.copytree(run_dir, tmp_path / run_id)
+    seen = []
+    runner = ray_runner.RayRunner(log=lambda line: pytest.fail(f"no worker should start: {line}"))
+    records = runner.run(GRID, out=tmp_path, device="cpu", on_record=seen.append)
+    assert records == seen == [references[c.run_id][0] for c in GRID]
+
+
+def test_without_ray_the_runner_says_how_to_install_it_in_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.delitem(sys.modules, "normstudy.runners.ray", raising=False)
+    monkeypatch.delattr(normstudy.runners, "ray", raising=False)
+    module = importlib.import_module("normstudy.runners.ray")  # imports without Ray
+    for make in (lambda: module.RayRunner(), lambda: module.RayRunner(address="auto"), module.init_ray):
+        with pytest.raises(module.RayUnavailableError) as err:
+            make()
+        assert str(err.value) == "the ray runner needs Ray, which is not installed: pip install -r requirements-ray.txt"
+    assert issubclass(module.RayUnavailableError, module.RayRunnerError)
+
+
+def test_run_files_are_written_record_last_and_a_stale_checkpoint_goes(tmp_path, monkeypatch):
+    run_dir = tmp_path / "bn-b512-e1-s0-synthetic"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"an interrupted attempt")
+    order = []
+    files = {name: name.encode() for name in ray_runner.RUN_FILES}
+    real = ray_runner.checkpoints.atomic_write
+    monkeypatch.setattr(ray_runner.checkpoints, "atomic_write",
+                        lambda path, write: (order.append(path.name), real(path, write)))
+    ray_runner.write_run_files(run_dir, files)
+    assert order[-1] == "record.json" and sorted(order) == sorted(ray_runner.RUN_FILES)
+    assert not (run_dir / "checkpoint.pt").exists()
+    assert all((run_dir / name).read_bytes() == name.encode() for name in ray_runner.RUN_FILES)
+    with pytest.raises(ray_runner.RayRunnerError):
+        ray_runner.write_run_files(run_dir, {"evil.sh": b""})
