@@ -8,10 +8,16 @@ of correct predictions as device tensors, so that the caller never has to wait f
 launch per step instead of a few hundred, which is what bounds a network this small. Its
 learning rate must be a tensor (``engine.fit`` makes it one) so that a scheduler can change it
 between replays.
+
+With fp16 autocast both steps scale the loss (:class:`normstudy.fast.amp.LossScaler`): backward of
+the scaled loss, then the scaler's step, which skips the optimizer step on an overflow by
+arithmetic on the device. The graph records the same calls as the eager step makes.
 """
 import contextlib
 
 import torch
+
+from .amp import LossScaler
 
 
 def correct_count(logits, labels):
@@ -27,11 +33,19 @@ def autocast(device_type, dtype):
 
 
 class EagerStep:
-    """The textbook step: zero grads, forward, loss, backward, optimizer step."""
+    """The textbook step: zero grads, forward, loss, backward, optimizer step.
 
-    def __init__(self, model, optimizer, criterion, *, amp_dtype=None, channels_last=False, compile=False):
+    ``scaler``: the :class:`~normstudy.fast.amp.LossScaler` of an fp16 run; with ``amp_dtype``
+    ``torch.float16`` and none given, the step makes its own (fp16 gradients need one).
+    """
+
+    def __init__(self, model, optimizer, criterion, *, amp_dtype=None, channels_last=False, compile=False,
+                 scaler=None):
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
         self.amp_dtype = amp_dtype
+        if scaler is None and amp_dtype == torch.float16:
+            scaler = LossScaler(next(model.parameters()).device)
+        self.scaler = scaler
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # Compiled for the first batch size only, with static shapes: an epoch's one smaller last
         # batch runs uncompiled rather than pay a second compilation (~9 s on the H100 machine),
@@ -52,8 +66,12 @@ class EagerStep:
         with autocast(images.device.type, self.amp_dtype):
             logits = self.forward(images)
             loss = self.criterion(logits, labels)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)  # no step, and a smaller scale, if a gradient overflowed
         return loss.detach(), correct_count(logits.detach(), labels)
 
     def __call__(self, images, labels):
@@ -65,14 +83,15 @@ class CudaGraphStep(EagerStep):
     """:class:`EagerStep` recorded as a CUDA graph per batch size and replayed.
 
     Recording runs a few warm-up steps (they load and pick the kernels, and a ``torch.optim``
-    optimizer creates its momentum buffers in them); the model, its buffers and the optimizer state are restored afterwards, so the
-    training trajectory is the same as if recording had cost nothing.
+    optimizer creates its momentum buffers in them); the model, its buffers, the optimizer state
+    and the loss scale are restored afterwards, so the training trajectory is the same as if
+    recording had cost nothing.
     """
 
     def __init__(self, model, optimizer, criterion, *, amp_dtype=torch.bfloat16, channels_last=False,
-                 compile=False, warmup_steps=3):
+                 compile=False, scaler=None, warmup_steps=3):
         super().__init__(model, optimizer, criterion, amp_dtype=amp_dtype, channels_last=channels_last,
-                         compile=compile)
+                         compile=compile, scaler=scaler)
         self.warmup_steps = warmup_steps
         self.graphs = {}  # batch size -> (graph, static images, static labels, static loss, static correct)
 
@@ -80,11 +99,14 @@ class CudaGraphStep(EagerStep):
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optim_state = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                        for p, s in self.optimizer.state.items()}
-        return model_state, optim_state
+        scaler_state = {k: v.clone() for k, v in self.scaler.tensors().items()} if self.scaler else {}
+        return model_state, optim_state, scaler_state
 
     def _restore(self, snapshot):
-        model_state, optim_state = snapshot
+        model_state, optim_state, scaler_state = snapshot
         with torch.no_grad():
+            for key, value in (self.scaler.tensors().items() if self.scaler else ()):
+                value.copy_(scaler_state[key])
             for key, value in self.model.state_dict().items():
                 value.copy_(model_state[key])
             for param, state in self.optimizer.state.items():
