@@ -7,7 +7,7 @@ One module per concern, each importing only from the ones listed before it:
     data        CIFAR-10 files, checks, device-side augmentation, synthetic data
     fast        the fast path: Triton kernels, CUDA-graph steps, SGD without torch.optim
     models      the one network, parametrized by its norm
-    runtime     the device and how a run executes (presets fast / fp32 / eager)
+    runtime     the device and how a run executes (presets fast / fp16 / fp32 / eager)
     loop        train() and test() for one epoch
     checkpoints atomic files, checkpoints, safe loading
     plots       the figures

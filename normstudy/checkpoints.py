@@ -185,12 +185,16 @@ def set_rng_state(state, generator):
 
 # --- checkpoints --------------------------------------------------------------------------------
 
-def make_checkpoint(*, model, optimizer, scheduler, generator, history, run):
+def make_checkpoint(*, model, optimizer, scheduler, generator, history, run, scaler=None):
     """Everything needed to continue a run after its last complete epoch. ``run`` identifies what
-    is being trained (recipe, norm, seed, data) and is compared on resume."""
-    return {"format": CHECKPOINT_FORMAT, "run": run, "epoch": len(history["test_acc"]),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(generator), "history": history}
+    is being trained (recipe, norm, seed, data) and is compared on resume. ``scaler``: an fp16
+    run's loss scaler (``fast.amp.LossScaler``), whose scale is kept too."""
+    state = {"format": CHECKPOINT_FORMAT, "run": run, "epoch": len(history["test_acc"]),
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng_state(generator), "history": history}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
 
 
 def check_resumable(state, path, run):

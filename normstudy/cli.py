@@ -27,7 +27,10 @@ misclassified.png), e.g. OUT/gn-g2-b512-e20-s0/; then OUT/summary.json, OUT/resu
 OUT/comparison.png over every finished run in OUT. A finished run is never trained again.
 The peak learning rate follows the batch: lr_per_32 * batch_size / 32 (lr_per_32 =
 {recipe_lib.RECIPE['lr_per_32']}, so {recipe_lib.RECIPE['lr_per_32'] * 16:g} at batch 512).
-Recipe keys for --set: {', '.join(recipe_lib.SETTINGS)} (types and ranges: normstudy/recipe.py)."""
+Recipe keys for --set: {', '.join(recipe_lib.SETTINGS)} (types and ranges: normstudy/recipe.py).
+
+Runtimes (--runtime; how a run executes, never what it computes; off CUDA each one is eager):
+""" + "\n".join(f"  {name:<6} {what}" for name, what in runtime_lib.PRESETS.items())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +95,7 @@ def parse_args(argv=None):
                                  "(default: runs, or runs/smoke with --smoke)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
     p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
-                   help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
+                   help="how a run executes (default: fast; the runtimes are listed below)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     p.add_argument("--restart", action="store_true", help="start interrupted runs over, discarding their checkpoints")
     p.add_argument("--smoke", "--dry-run", action="store_true",

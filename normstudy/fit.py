@@ -6,6 +6,7 @@ schedule, training step); :func:`fit` and the benchmarks both call it. After eve
 run killed at any moment keeps its last complete epoch and ``fit(..., resume=True)`` continues
 from there; on the CPU a resumed run reproduces an uninterrupted one exactly.
 """
+import copy
 import dataclasses
 import time
 
@@ -19,6 +20,7 @@ from . import models
 from . import recipe as recipe_lib
 from . import runtime as runtime_lib
 from .fast import steps
+from .fast.amp import LossScaler
 
 
 def seed_everything(seed):
@@ -40,17 +42,106 @@ def resolve_runtime(device, norm, runtime=None):
 def prepare_model(model, device, runtime):
     """Move ``model`` to ``device`` in the runtime's memory layout, with or without Triton kernels."""
     models.use_triton_kernels(model, runtime["triton_kernels"])
-    return model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.preserve_format)
+    return model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.contiguous_format)
+
+
+# Largest relative error (max |difference| / max |reference|) of the kernels' self-check in fp32,
+# outputs and buffers / gradients. The kernels agree with the modules to ~1e-5 (tests/test_kernels.py
+# asks 1e-4 / 1e-3); a kernel that computes something else misses by orders of magnitude.
+SELF_CHECK_FP32 = (1e-3, 1e-2)
+# In 16 bits a batch of two images differs from fp32 by up to 5 % (bf16) in the outputs and by up
+# to 90 % in some gradients (BatchNorm's backward over 2x4x4 values cancels), for the modules
+# themselves: only the outputs are compared, loosely, and the gradients checked to be finite.
+SELF_CHECK_16BIT_OUTPUT = 0.25
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def kernels_self_check(model, example, dtype=None):
+    """None if ``model`` computes the same with the Triton kernels as with PyTorch's modules, else
+    what differs (one line).
+
+    One training step's forward and backward on a random batch shaped like ``example`` (copies of
+    the model, dropout off; the model and the random generators are left as they are): in fp32,
+    with TF32 off, the outputs, the parameters' gradients and the buffers (BatchNorm's running
+    statistics) must agree to :data:`SELF_CHECK_FP32`; under autocast in ``dtype`` as well, if
+    given (the kernels a run launches), the outputs loosely and every gradient must be finite.
+    """
+    device = example.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(example.shape, generator=generator, device=device).contiguous(
+        memory_format=torch.channels_last)
+    grad_out = None
+
+    def run(fused, autocast_dtype):
+        nonlocal grad_out
+        net = models.use_triton_kernels(copy.deepcopy(model), fused).train()
+        for module in net.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()  # its masks would differ between the two copies
+        with steps.autocast(device.type, autocast_dtype):
+            out = net(images)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, generator=generator, device=device)
+        out.float().backward(grad_out)
+        return out.detach(), net
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would amplify the rounding differences
+    try:
+        (plain_out, plain), (fused_out, fused) = run(False, None), run(True, None)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    output_tol, grad_tol = SELF_CHECK_FP32
+    checks = [("output", fused_out, plain_out, output_tol)]
+    checks += [(f"gradient of {name}", q.grad, p.grad, grad_tol)
+               for (name, p), q in zip(plain.named_parameters(), fused.parameters())]
+    checks += [(name, q, p, output_tol) for (name, p), q in zip(plain.named_buffers(), fused.buffers())
+               if p.is_floating_point()]
+    for what, got, expected, tol in checks:
+        if got is None or not torch.isfinite(got).all() or _rel_err(got, expected) > tol:
+            error = "missing" if got is None else f"relative error {_rel_err(got, expected):.2g}"
+            return f"self-check failed in fp32: {what}, {error}"
+    if dtype is not None:
+        (plain_out, _), (fused_out, fused) = run(False, dtype), run(True, dtype)
+        name = str(dtype).replace("torch.", "")
+        if not torch.isfinite(fused_out).all() or _rel_err(fused_out, plain_out) > SELF_CHECK_16BIT_OUTPUT:
+            return f"self-check failed in {name}: output, relative error {_rel_err(fused_out, plain_out):.2g}"
+        for param_name, p in fused.named_parameters():
+            if p.grad is None or not torch.isfinite(p.grad).all():
+                return f"self-check failed in {name}: gradient of {param_name} missing or not finite"
+    return None
 
 
 def compile_kernels(model, device, runtime, *, image_shape):
-    """With the Triton kernels, compile them all now, in parallel (``kernels.precompile``), rather
-    than one by one during the first epoch. ``image_shape`` is one image's (C, H, W)."""
+    """With the Triton kernels: compile them all now, in parallel (``kernels.precompile``), rather
+    than one by one during the first epoch, then check them (:func:`kernels_self_check`). Return
+    the runtime to train with: ``runtime``, or where importing, compiling or checking the kernels
+    failed, the same without them (``model`` switched back to PyTorch's modules, one line says why,
+    and no later run of this process tries them). ``image_shape`` is one image's (C, H, W)."""
     if not runtime["triton_kernels"]:
-        return
-    from .fast import kernels
+        return runtime
+    dtype = runtime_lib.AMP_DTYPES[runtime["amp"]]
     example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
-    kernels.precompile(model, example, dtype=runtime_lib.AMP_DTYPES[runtime["amp"]])
+    try:
+        from .fast import kernels
+        # The self-check runs in fp32 too (and the final evaluation with flipped images).
+        kernels.precompile(model, example, dtype=(dtype, None) if dtype is not None else None)
+    except Exception as err:  # noqa: BLE001 - any failure means: run without them
+        problem = f"they failed to compile: {type(err).__name__}: {err}"
+    else:
+        try:
+            problem = kernels_self_check(model, example, dtype)
+        except Exception as err:  # noqa: BLE001
+            problem = f"self-check failed: {type(err).__name__}: {err}"
+    if problem is None:
+        return runtime
+    runtime_lib.kernels_off(problem, broken=True)
+    runtime = runtime_lib.without_kernels(runtime, getattr(model, "norm", None))
+    prepare_model(model, device, runtime)
+    return runtime
 
 
 def make_loaders(dataset, *, recipe, device, seed):
@@ -62,11 +153,12 @@ def make_loaders(dataset, *, recipe, device, seed):
     return train_loader, data_lib.test_loader(dataset, device=device)
 
 
-def make_step(model, optimizer, criterion, runtime):
-    """The training step that ``runtime`` asks for (see :mod:`normstudy.fast.steps`)."""
+def make_step(model, optimizer, criterion, runtime, scaler=None):
+    """The training step that ``runtime`` asks for (see :mod:`normstudy.fast.steps`); ``scaler``:
+    the loss scaler of an fp16 run (the step makes one if none is given)."""
     kind = steps.CudaGraphStep if runtime["cuda_graph"] else steps.EagerStep
     return kind(model, optimizer, criterion, amp_dtype=runtime_lib.AMP_DTYPES[runtime["amp"]],
-                channels_last=runtime["channels_last"], compile=runtime["compile"])
+                channels_last=runtime["channels_last"], compile=runtime["compile"], scaler=scaler)
 
 
 @dataclasses.dataclass
@@ -81,6 +173,7 @@ class Training:
     optimizer: object
     scheduler: object
     criterion: nn.Module
+    scaler: LossScaler = None  # fp16 runs: the loss scale (checkpointed with the optimizer)
     step: object = None
 
     @property
@@ -97,7 +190,7 @@ class Training:
         """One training step as ``runtime`` asks (eager, or one recorded step replayed per batch)."""
         if self.runtime["cuda_graph"]:
             self._lr_on_device()
-        self.step = make_step(self.model, self.optimizer, self.criterion, self.runtime)
+        self.step = make_step(self.model, self.optimizer, self.criterion, self.runtime, scaler=self.scaler)
         return self.step
 
     def epoch_trainer(self, *, progress=True, desc="train"):
@@ -118,7 +211,7 @@ class Training:
         total_steps = self.recipe["epochs"] * len(self.train_loader)
         trainer = GraphEpoch(self.model, self.optimizer, self.criterion, self.scheduler, self.train_loader,
                              amp_dtype=self.amp_dtype, channels_last=self.runtime["channels_last"],
-                             total_steps=total_steps)
+                             total_steps=total_steps, scaler=self.scaler)
 
         def train_epoch(epoch):
             return trainer.train_epoch()
@@ -130,7 +223,10 @@ def prepare(model, dataset, *, recipe, device, seed, runtime=None, norm=None, on
     """Set up ``model`` (freshly built, see :func:`models.fresh_model`) for training on ``dataset``:
     device and layout, compiled kernels, loaders, optimizer, schedule and loss. ``on_stage(name)``
     is called after each stage (the start-up benchmark times them). The step itself is made by
-    :meth:`Training.make_step`, after a resume has loaded the optimizer's state."""
+    :meth:`Training.make_step`, after a resume has loaded the optimizer's state.
+
+    The runtime may end up other than asked for: where the Triton kernels fail to compile or their
+    self-check, they are off (:func:`compile_kernels`); ``Training.runtime`` is the one used."""
     on_stage = on_stage or (lambda name: None)
     device = torch.device(device)
     runtime = resolve_runtime(device, norm or getattr(model, "norm", None), runtime)
@@ -139,15 +235,17 @@ def prepare(model, dataset, *, recipe, device, seed, runtime=None, norm=None, on
     prepare_model(model, device, runtime)
     on_stage("to_device")
     if runtime["triton_kernels"]:
-        compile_kernels(model, device, runtime, image_shape=dataset["train_images"].shape[1:])
+        runtime = compile_kernels(model, device, runtime, image_shape=dataset["train_images"].shape[1:])
         on_stage("compile_triton_kernels")
     train_loader, test_loader = make_loaders(dataset, recipe=recipe, device=device, seed=seed)
     on_stage("loaders")
     optimizer = recipe_lib.make_optimizer(model, recipe)
     scheduler = recipe_lib.make_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    scaler = LossScaler(device) if runtime["amp"] == "fp16" else None
     return Training(model=model, device=device, runtime=runtime, recipe=recipe, train_loader=train_loader,
-                    test_loader=test_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion)
+                    test_loader=test_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
+                    scaler=scaler)
 
 
 def new_history():
@@ -219,7 +317,7 @@ def _epoch(training, train_epoch, epoch, *, history, identity, checkpoint_path, 
     if checkpoint_path is not None:
         checkpoints.save_torch(checkpoint_path, checkpoints.make_checkpoint(
             model=model, optimizer=optimizer, scheduler=training.scheduler,
-            generator=training.train_loader.generator, history=history, run=identity))
+            generator=training.train_loader.generator, history=history, run=identity, scaler=training.scaler))
     log(f"{norm} epoch {epoch:2d}/{recipe['epochs']}  train loss {train_loss:.4f} acc {train_acc:5.2f}%  "
         f"test loss {test_loss:.4f} acc {test_acc:5.2f}%  ({seconds:.2f} s)")
 
@@ -231,6 +329,8 @@ def _restore(training, state, path):
         training.model.load_state_dict(state["model"])
         training.optimizer.load_state_dict(state["optimizer"])
         training.scheduler.load_state_dict(state["scheduler"])
+        if training.scaler is not None and state.get("scaler") is not None:
+            training.scaler.load_state_dict(state["scaler"])  # else (not an fp16 run before) it starts afresh
         with models.GLOBAL_RNG_LOCK:
             checkpoints.set_rng_state(state["rng"], training.train_loader.generator)
         history = state["history"]

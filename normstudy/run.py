@@ -156,6 +156,8 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
     history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, device=device, seed=config.seed,
                           runtime=runtime, checkpoint_path=checkpoint, resume=resume and checkpoint.exists(),
                           progress=progress, log=log)
+    # The runtime the run had: the Triton kernels may have failed their compile or self-check.
+    runtime = fit_lib.resolve_runtime(device, config.norm, runtime)
     test_loader = data_lib.test_loader(dataset, device=device)
     tta = loop.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
     record = {"id": config.run_id, "config": config.to_dict(), "recipe": recipe,

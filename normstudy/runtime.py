@@ -2,7 +2,8 @@
 
 A runtime is a small dict:
 
-    amp             None, "bf16" or "fp16": mixed precision of the forward pass
+    amp             None, "bf16" or "fp16": mixed precision of the forward pass (fp16 with dynamic
+                    loss scaling, :class:`normstudy.fast.amp.LossScaler`)
     cuda_graph      record each training step once as a CUDA graph and replay it
     triton_kernels  the Triton kernels of :mod:`normstudy.fast.kernels` (fused ReLU + norm with the
                     residual add, 2x2 max-pool, the first 3-channel conv) instead of PyTorch's modules
@@ -13,17 +14,28 @@ A runtime is a small dict:
 
 :data:`PRESETS` names the ones a user chooses between (``train.py --runtime``); ``fast`` is the
 default: on CUDA it is everything above but compile, elsewhere it falls back to ``eager``.
+
+The Triton kernels are a speed-up, never a requirement. Where Triton is missing or the GPU is
+older than Ampere (compute capability 8.0, what Triton supports), and in a process where they
+failed to compile or to pass their self-check (``fit.compile_kernels``), a run uses PyTorch's
+modules instead and says so once, in one line on stderr (:func:`kernels_off`).
 """
 import importlib.util
+import sys
 
 import torch
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESETS = {
-    "fast": "CUDA graphs, Triton kernels, channels_last, bf16 (fp32 on GPUs older than Ampere)",
+    "fast": "CUDA graphs, Triton kernels, channels_last, bf16 (before Ampere, as a T4: fp16, no kernels)",
+    "fp16": "as fast, but fp16 with dynamic loss scaling on every GPU (the T4's precision)",
     "fp32": "as fast, without mixed precision",
     "eager": "PyTorch's own modules, one step at a time, fp32: the reference",
 }
+# Triton's README: "Supported Hardware: NVIDIA GPUs (Compute Capability 8.0+)". Older GPUs (the
+# T4 is 7.5) may run some kernels, but nothing here is tested on them: PyTorch's modules it is.
+KERNELS_MIN_CAPABILITY = (8, 0)
+BF16_MIN_CAPABILITY = (8, 0)  # cuDNN has no bf16 convolutions before Ampere
 
 
 def pick_device(name="auto"):
@@ -57,28 +69,92 @@ def triton_available():
     return importlib.util.find_spec("triton") is not None
 
 
+def _stderr(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+notice = _stderr  # where :func:`kernels_off` says its line; replace it to send the line elsewhere
+_said = set()  # the lines said in this process
+_kernels_broken = None  # why the kernels failed in this process (compile or self-check), if they did
+
+
+def say_once(line):
+    """``notice(line)``, unless this process has said that line before."""
+    if line not in _said:
+        _said.add(line)
+        notice(line)
+
+
+def kernels_off(reason, *, broken=False):
+    """Say, once per process and reason, that the Triton kernels are off and why. ``broken``: they
+    failed here (to compile, or their self-check), so no later run of this process uses them."""
+    global _kernels_broken
+    reason = " ".join(str(reason).split())[:300] or "unknown reason"  # one line, whatever the error
+    if broken and _kernels_broken is None:
+        _kernels_broken = reason
+    say_once(f"normstudy: Triton kernels off ({reason}); using PyTorch's modules")
+
+
+def kernels_unavailable(device):
+    """Why the Triton kernels cannot run on the CUDA ``device``, or None if they can."""
+    if _kernels_broken is not None:
+        return _kernels_broken
+    if not triton_available():
+        return "Triton is not installed"
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < KERNELS_MIN_CAPABILITY:
+        return (f"GPU of compute capability {capability[0]}.{capability[1]}; they need "
+                f"{KERNELS_MIN_CAPABILITY[0]}.{KERNELS_MIN_CAPABILITY[1]} or newer")
+    return None
+
+
+def without_kernels(runtime, norm):
+    """``runtime`` with PyTorch's modules instead of the Triton kernels: channels_last then only
+    for BatchNorm (or under torch.compile), as :func:`runtime_for` chooses it."""
+    return {**runtime, "triton_kernels": False,
+            "channels_last": runtime["channels_last"] and (norm == "bn" or bool(runtime["compile"]))}
+
+
 def runtime_for(device, preset="fast", *, norm=None, **overrides):
     """The runtime dict for ``device`` and ``norm`` under ``preset`` (see :data:`PRESETS`), with
     ``overrides`` on top.
 
-    ``fast`` on CUDA: bf16 autocast (on Ampere or newer: older GPUs such as Colab's T4 have no
-    bf16 convolutions in cuDNN, and train in fp32), CUDA graphs, the Triton kernels where Triton
-    is installed, and channels_last, the layout those kernels read. Without the kernels,
-    channels_last for BatchNorm only: CUDA GroupNorm converts channels_last to NCHW and back,
-    which costs more than the faster convolutions gain. Off CUDA every preset is ``eager``.
+    ``fast`` on CUDA: mixed precision, CUDA graphs, the Triton kernels and channels_last, the
+    layout those kernels read. Mixed precision is bf16 on Ampere or newer (compute capability 8.0)
+    and fp16 with dynamic loss scaling on older GPUs such as Colab's T4 (7.5), whose cuDNN has no
+    bf16 convolutions; ``fp16`` asks for fp16 on any GPU, ``fp32`` for none. The kernels need
+    Triton and compute capability 8.0 (:func:`kernels_unavailable`); without them, channels_last
+    for BatchNorm only: CUDA GroupNorm converts channels_last to NCHW and back, which costs more
+    than the faster convolutions gain. When the kernels are off for such a reason, one line says
+    so (once per process). Off CUDA every preset is ``eager``.
+
+    ``overrides`` win, except that kernels this process cannot run (Triton missing, or failed
+    here) stay off.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown runtime {preset!r}; choose one of {', '.join(PRESETS)}")
     device = torch.device(device)
     cuda = device.type == "cuda" and preset != "eager"
-    bf16 = cuda and preset == "fast" and torch.cuda.get_device_capability(device)[0] >= 8
+    amp = None
+    if cuda and preset in ("fast", "fp16"):
+        bf16 = preset == "fast" and tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
+        amp = "bf16" if bf16 else "fp16"
     compile = overrides.get("compile", False)
-    kernels = cuda and not compile and triton_available()
-    runtime = {"amp": "bf16" if bf16 else None, "cuda_graph": cuda, "triton_kernels": kernels,
+    wanted = cuda and not compile  # by default, the kernels wherever they can run
+    reason = kernels_unavailable(device) if wanted else None
+    kernels = wanted and reason is None
+    runtime = {"amp": amp, "cuda_graph": cuda, "triton_kernels": kernels,
                "channels_last": cuda and (kernels or bool(compile) or norm == "bn"), "cudnn_benchmark": False,
                "compile": False}
     unknown = set(overrides) - set(runtime)
     if unknown:
         raise ValueError(f"unknown runtime keys: {', '.join(sorted(unknown))}")
-    return {**runtime, **overrides}
-
+    runtime = {**runtime, **overrides}
+    if runtime["triton_kernels"] and (_kernels_broken is not None or not triton_available()):
+        reason = _kernels_broken or "Triton is not installed"
+        runtime = {**runtime, "triton_kernels": False}
+        if "channels_last" not in overrides:
+            runtime = without_kernels(runtime, norm)
+    if reason is not None and not runtime["triton_kernels"]:
+        kernels_off(reason)
+    return runtime

@@ -323,8 +323,8 @@ def test_compiled_step_compiles_once_and_only_for_the_first_batch_size(monkeypat
     assert compiled_calls == [4, 4, 4]  # the batch of 2 ran the plain model
 
 
-@pytest.mark.parametrize("capability, amp", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), None)])
-def test_bf16_only_on_gpus_whose_cudnn_has_bf16_convolutions(monkeypatch, capability, amp):
+@pytest.mark.parametrize("capability, amp", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16")])
+def test_bf16_only_on_gpus_whose_cudnn_has_bf16_convolutions_fp16_before(monkeypatch, capability, amp):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     runtime = runtime_lib.runtime_for(torch.device("cuda"), norm="gn")
     assert runtime["amp"] == amp and runtime["cuda_graph"] and not runtime["compile"]

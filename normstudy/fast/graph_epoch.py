@@ -85,9 +85,10 @@ class GraphEpoch:
     :class:`~normstudy.fast.optimizers.LambdaSchedule`) as the plain loop would."""
 
     def __init__(self, model, optimizer, criterion, scheduler, loader, *, amp_dtype, channels_last,
-                 total_steps, chunk=None, warmup_steps=3):
+                 total_steps, chunk=None, warmup_steps=3, scaler=None):
         self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
-        self.body = steps_lib.EagerStep(model, optimizer, criterion, amp_dtype=amp_dtype, channels_last=channels_last)
+        self.body = steps_lib.EagerStep(model, optimizer, criterion, amp_dtype=amp_dtype, channels_last=channels_last,
+                                        scaler=scaler)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batch_size = loader.batch_size
         self.chunk = chunk or chunk_for(self.batch_size)
@@ -134,6 +135,8 @@ class GraphEpoch:
                    self.loss_sum, self.correct, self.first_bad]
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         tensors += [group["lr"] for group in self.optimizer.param_groups]
+        if self.body.scaler is not None:  # fp16: the loss scale and its growth count move with each step
+            tensors += [self.body.scaler.factor, self.body.scaler.growth_tracker, self.body.scaler.found_inf]
         return tensors
 
     def _record(self, steps, batch_size):

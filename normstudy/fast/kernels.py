@@ -430,22 +430,25 @@ def precompile(model, example, *, dtype=None, threads=None):
     epoch on the H100 machine, mostly in compilers, outside the GIL. Here a copy of the model runs one tiny
     training step and one evaluation in which every launch is replaced by a compile job, and
     the jobs run in parallel. With a warm cache (~/.triton/cache) each job is a file read.
-    ``dtype`` is the autocast dtype of the real run (None: no autocast). No-op in the interpreter.
+    ``dtype`` is the autocast dtype of the real run (None: no autocast), or a tuple of them (each
+    one's kernels, all compiled together). No-op in the interpreter.
     """
     if INTERPRET:
         return 0.0
     start = time.perf_counter()
     scratch = copy.deepcopy(model)
-    autocast = torch.autocast(example.device.type, dtype=dtype, enabled=dtype is not None)
+    dtypes = dtype if isinstance(dtype, (tuple, list)) else (dtype,)
     threads = threads or max(8, os.cpu_count() or 1)  # the threads mostly wait for compilers
     with concurrent.futures.ThreadPoolExecutor(threads) as executor:
         jobs = _CompileJobs(executor)
         token = _COMPILING.set(jobs)
         try:
-            with autocast:  # the kernels' outputs are left unwritten: only their shapes matter
-                scratch.train()(example).float().sum().backward()
-                with torch.no_grad():
-                    scratch.eval()(example)
+            for each in dtypes:  # the kernels' outputs are left unwritten: only their shapes matter
+                with torch.autocast(example.device.type, dtype=each, enabled=each is not None):
+                    scratch.zero_grad(set_to_none=True)
+                    scratch.train()(example).float().sum().backward()
+                    with torch.no_grad():
+                        scratch.eval()(example)
         finally:
             _COMPILING.reset(token)
         for job in jobs:

@@ -45,7 +45,18 @@ class SGD:
                     p.grad.zero_()
 
     @torch.no_grad()
-    def step(self):
+    def step(self, found_inf=None):
+        """One step. ``found_inf`` (fp16 loss scaling, :class:`normstudy.fast.amp.LossScaler`): a 0-d
+        float tensor on the parameters' device, 1.0 when some gradient overflowed. Then the step
+        changes nothing, neither parameters nor momentum buffers, decided by arithmetic on the
+        device rather than by reading the flag back, so that a CUDA graph can record it: the
+        gradients are zeroed (in place) when the flag is set, the momentum factor becomes 1 and
+        the learning rate 0. With the flag at 0.0 the result is ``step()``'s, bit for bit.
+        """
+        if found_inf is not None:
+            skip = found_inf > 0
+            keep = 1 - found_inf  # multiplies the learning rate: 0 on a skipped step
+            momentum = found_inf * (1 - self.momentum) + self.momentum  # 1 on a skipped step
         # The same sequence of foreach operations as torch.optim.SGD's foreach implementation.
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -54,15 +65,23 @@ class SGD:
             grads = [p.grad for p in params]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if found_inf is not None:
+                for grad in grads:  # inf or NaN times 0 is NaN: overwrite instead
+                    grad.masked_fill_(skip, 0.0)
             if self.momentum:
                 buffers = [self.state[p]["momentum_buffer"] for p in params]
-                torch._foreach_mul_(buffers, self.momentum)
+                torch._foreach_mul_(buffers, self.momentum if found_inf is None else momentum)
                 torch._foreach_add_(buffers, grads)
                 if self.nesterov:
                     grads = torch._foreach_add(grads, buffers, alpha=self.momentum)
                 else:
                     grads = buffers
             lr = group["lr"]
+            if found_inf is not None:  # times 1 is exact: an unskipped step is step()'s
+                if torch.is_tensor(lr):
+                    lr = lr * keep
+                else:
+                    grads = torch._foreach_mul(grads, keep)
             if torch.is_tensor(lr):
                 torch._foreach_add_(params, torch._foreach_mul(grads, lr), alpha=-1)
             else:

@@ -5,22 +5,20 @@ of correct predictions as device tensors, so that the caller never has to wait f
 
 :class:`CudaGraphStep` records forward, backward and ``optimizer.step()`` once per batch size
 (an epoch of 50,000 images at 512 has two: 512 and 336) and then replays the recording: one
-launch per step instead of a few hundred, which is what bounds a network this small. Its
-learning rate must be a tensor (``engine.fit`` makes it one) so that a scheduler can change it
-between replays.
+launch per step instead of a few hundred. Its learning rate must be a tensor (``fit.Training``
+makes it one) so that a scheduler can change it between replays. Runs themselves replay whole
+epochs (:mod:`normstudy.fast.graph_epoch`, which also makes recording safe beside other runs in
+threads); this single-step graph serves the start-up benchmark, in one thread.
 
-Runs in several threads of one process (``runners.LocalRunner(concurrency=k)``) may record at the
-same time: PyTorch allows one capture at a time per process, so recording holds
-:data:`CAPTURE_LOCK`, and captures in ``thread_local`` error mode, so that what the other threads
-do meanwhile (allocating, synchronizing their own streams) does not invalidate it. One thread
-alone behaves as before.
+With fp16 autocast both steps scale the loss (:class:`normstudy.fast.amp.LossScaler`): backward of
+the scaled loss, then the scaler's step, which skips the optimizer step on an overflow by
+arithmetic on the device. The graph records the same calls as the eager step makes.
 """
 import contextlib
-import threading
 
 import torch
 
-CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in a process (see above)
+from .amp import LossScaler
 
 
 def correct_count(logits, labels):
@@ -36,11 +34,19 @@ def autocast(device_type, dtype):
 
 
 class EagerStep:
-    """The textbook step: zero grads, forward, loss, backward, optimizer step."""
+    """The textbook step: zero grads, forward, loss, backward, optimizer step.
 
-    def __init__(self, model, optimizer, criterion, *, amp_dtype=None, channels_last=False, compile=False):
+    ``scaler``: the :class:`~normstudy.fast.amp.LossScaler` of an fp16 run; with ``amp_dtype``
+    ``torch.float16`` and none given, the step makes its own (fp16 gradients need one).
+    """
+
+    def __init__(self, model, optimizer, criterion, *, amp_dtype=None, channels_last=False, compile=False,
+                 scaler=None):
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
         self.amp_dtype = amp_dtype
+        if scaler is None and amp_dtype == torch.float16:
+            scaler = LossScaler(next(model.parameters()).device)
+        self.scaler = scaler
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # Compiled for the first batch size only, with static shapes: an epoch's one smaller last
         # batch runs uncompiled rather than pay a second compilation (~9 s on the H100 machine),
@@ -61,8 +67,12 @@ class EagerStep:
         with autocast(images.device.type, self.amp_dtype):
             logits = self.forward(images)
             loss = self.criterion(logits, labels)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)  # no step, and a smaller scale, if a gradient overflowed
         return loss.detach(), correct_count(logits.detach(), labels)
 
     def __call__(self, images, labels):
@@ -74,14 +84,15 @@ class CudaGraphStep(EagerStep):
     """:class:`EagerStep` recorded as a CUDA graph per batch size and replayed.
 
     Recording runs a few warm-up steps (they load and pick the kernels, and a ``torch.optim``
-    optimizer creates its momentum buffers in them); the model, its buffers and the optimizer state are restored afterwards, so the
-    training trajectory is the same as if recording had cost nothing.
+    optimizer creates its momentum buffers in them); the model, its buffers, the optimizer state
+    and the loss scale are restored afterwards, so the training trajectory is the same as if
+    recording had cost nothing.
     """
 
     def __init__(self, model, optimizer, criterion, *, amp_dtype=torch.bfloat16, channels_last=False,
-                 compile=False, warmup_steps=3):
+                 compile=False, scaler=None, warmup_steps=3):
         super().__init__(model, optimizer, criterion, amp_dtype=amp_dtype, channels_last=channels_last,
-                         compile=compile)
+                         compile=compile, scaler=scaler)
         self.warmup_steps = warmup_steps
         self.graphs = {}  # batch size -> (graph, static images, static labels, static loss, static correct)
 
@@ -89,11 +100,14 @@ class CudaGraphStep(EagerStep):
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optim_state = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                        for p, s in self.optimizer.state.items()}
-        return model_state, optim_state
+        scaler_state = {k: v.clone() for k, v in self.scaler.tensors().items()} if self.scaler else {}
+        return model_state, optim_state, scaler_state
 
     def _restore(self, snapshot):
-        model_state, optim_state = snapshot
+        model_state, optim_state, scaler_state = snapshot
         with torch.no_grad():
+            for key, value in (self.scaler.tensors().items() if self.scaler else ()):
+                value.copy_(scaler_state[key])
             for key, value in self.model.state_dict().items():
                 value.copy_(model_state[key])
             for param, state in self.optimizer.state.items():
@@ -104,10 +118,6 @@ class CudaGraphStep(EagerStep):
                         value.copy_(optim_state.get(id(param), {}).get(key, torch.zeros_like(value)))
 
     def _record(self, images, labels):
-        with CAPTURE_LOCK:
-            return self._record_alone(images, labels)
-
-    def _record_alone(self, images, labels):
         static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
         static_labels = labels.clone()
         snapshot = self._snapshot()
@@ -122,7 +132,7 @@ class CudaGraphStep(EagerStep):
         # graph's own memory) on every replay instead of adding to old ones.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph):
             static_loss, static_correct = self.forward_backward(static_images, static_labels)
         self._restore(snapshot)
         return graph, static_images, static_labels, static_loss, static_correct

@@ -1,0 +1,295 @@
+"""Colab and older GPUs: fp16 with dynamic loss scaling, and the fallback to PyTorch's modules.
+
+The CUDA-graph step cannot run here; it records the very calls that the eager step makes
+(``EagerStep.forward_backward``: the scaler's ``scale``, ``unscale_and_check``, the optimizer's
+``step(found_inf=...)`` and ``update``), which these tests run on the CPU. The fallback is
+tested by simulating each failure: Triton missing, a GPU older than Ampere, kernels that fail to
+compile, and kernels that compute something else (or raise) in the self-check.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from normstudy import checkpoints
+from normstudy import cli
+from normstudy import fit as fit_lib
+from normstudy import models
+from normstudy import recipe as recipe_lib
+from normstudy import runtime as runtime_lib
+from normstudy.fast import steps
+from normstudy.fast.amp import LossScaler
+from normstudy.fast.optimizers import SGD
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state(monkeypatch):
+    """Each test starts as a new process would: nothing said yet, no kernels found broken."""
+    monkeypatch.setattr(runtime_lib, "_said", set())
+    monkeypatch.setattr(runtime_lib, "_kernels_broken", None)
+
+
+def said(capsys):
+    """The lines the package said on stderr since the last call."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("normstudy:")]
+
+
+def fake_gpu(monkeypatch, capability):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+# --- fp16: the loss scaler and the step it skips ---------------------------------------------------
+
+def tiny_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = SGD([{"params": decay, "weight_decay": 5e-3}, {"params": no_decay, "weight_decay": 0.0}],
+                    lr=0.1, momentum=0.9, nesterov=True)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    return model, optimizer, x, y
+
+
+def state_of(model, optimizer):
+    return ([p.detach().clone() for p in model.parameters()],
+            [s["momentum_buffer"].clone() for s in optimizer.state.values()])
+
+
+def scaled_step(model, optimizer, scaler, x, y, poison=False):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    if poison:  # an overflow in one gradient, as fp16 would produce it
+        next(model.parameters()).grad[0, 0] = float("inf")
+    return scaler.step(optimizer)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_sgd_with_found_inf_zero_is_the_plain_step_bit_for_bit(tensor_lr):
+    (model_a, opt_a, x, y), (model_b, opt_b, _, _) = tiny_problem(), tiny_problem()
+    if tensor_lr:  # as under CUDA graphs
+        for opt in (opt_a, opt_b):
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(0.1)
+    for _ in range(3):
+        for model, opt, found_inf in ((model_a, opt_a, None), (model_b, opt_b, torch.zeros(()))):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step() if found_inf is None else opt.step(found_inf=found_inf)
+    for a, b in zip(state_of(model_a, opt_a), state_of(model_b, opt_b)):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_loss_scaler_skips_exactly_the_overflowing_step():
+    model, optimizer, x, y = tiny_problem()
+    reference, ref_optimizer, _, _ = tiny_problem()  # the same run without the bad step, unscaled
+    scaler = LossScaler("cpu", init_scale=2.0 ** 10)
+
+    assert scaled_step(model, optimizer, scaler, x, y).item() == 0
+    before = state_of(model, optimizer)
+    assert scaled_step(model, optimizer, scaler, x, y, poison=True).item() == 1
+    after = state_of(model, optimizer)
+    for a, b in zip(before, after):  # parameters and momentum buffers untouched
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert scaler.get_scale() == 2.0 ** 9 and int(scaler.growth_tracker) == 0
+    assert scaled_step(model, optimizer, scaler, x, y).item() == 0  # the next step applies
+    assert not torch.equal(state_of(model, optimizer)[0][0], after[0][0])
+
+    for _ in range(2):
+        ref_optimizer.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        ref_optimizer.step()
+    for p, q in zip(model.parameters(), reference.parameters()):  # powers of two scale exactly
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_loss_scale_grows_after_growth_interval_good_steps_and_state_round_trips():
+    model, optimizer, x, y = tiny_problem()
+    scaler = LossScaler("cpu", init_scale=8.0, growth_interval=3)
+    assert (scaler.growth_factor, scaler.backoff_factor, LossScaler("cpu").growth_interval) == (2.0, 0.5, 2000)
+    scales = []
+    for poison in (False, False, False, False, True, False, False, False):
+        scaled_step(model, optimizer, scaler, x, y, poison=poison)
+        scales.append(scaler.get_scale())
+    assert scales == [8, 8, 16, 16, 8, 8, 8, 16]
+    other = LossScaler("cpu")
+    other.load_state_dict(scaler.state_dict())
+    assert other.state_dict() == scaler.state_dict() == {
+        "scale": 16.0, "growth_tracker": 0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3}
+
+
+def test_eager_step_in_fp16_scales_the_loss_and_skips_an_overflow_on_cpu():
+    torch.manual_seed(0)
+    model = models.CifarNet("gn")
+    optimizer = recipe_lib.make_optimizer(model, recipe_lib.recipe_for("gn"))
+    step = steps.EagerStep(model, optimizer, nn.CrossEntropyLoss(), amp_dtype=torch.float16)
+    assert isinstance(step.scaler, LossScaler) and step.scaler.get_scale() == 2.0 ** 16
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    poison = {"on": False}
+    first = next(model.parameters())
+    first.register_hook(lambda grad: grad * float("inf") if poison["on"] else grad)
+    losses = []
+    for poisoned in (False, True, False):
+        poison["on"] = poisoned
+        before = [p.detach().clone() for p in model.parameters()]
+        loss, correct = step(images, labels)
+        losses.append(float(loss))
+        changed = any(not torch.equal(p, q) for p, q in zip(before, model.parameters()))
+        assert changed != poisoned
+    assert step.scaler.get_scale() == 2.0 ** 15
+    assert all(0 < loss < 10 for loss in losses)  # the unscaled loss is returned
+    # Without fp16 there is no scaler: bf16 and fp32 steps are as before.
+    assert steps.EagerStep(model, optimizer, nn.CrossEntropyLoss(), amp_dtype=torch.bfloat16).scaler is None
+
+
+def test_an_fp16_run_checkpoints_its_loss_scale_and_resumes_with_it(dataset, tmp_path, monkeypatch):
+    recipe = recipe_lib.recipe_for("bn", epochs=1, batch_size=50, lr_per_32=0.032)
+    path = tmp_path / "checkpoint.pt"
+    dataset = {**dataset, "train_images": dataset["train_images"][:150], "train_labels": dataset["train_labels"][:150],
+               "test_images": dataset["test_images"][:50], "test_labels": dataset["test_labels"][:50]}  # fp16 on a CPU is slow
+
+    def run(resume):
+        model = models.fresh_model("bn", recipe, train_images=dataset["train_images"], seed=0)
+        return fit_lib.fit(model, dataset, norm="bn", recipe=recipe, runtime={"amp": "fp16"},
+                           checkpoint_path=path, resume=resume, progress=False, log=lambda line: None)
+
+    run(False)
+    saved = checkpoints.load_torch(path)["scaler"]
+    assert saved["scale"] == 2.0 ** 16 and saved["growth_tracker"] == 3  # 3 good steps of 50 images
+    loaded = []
+    real_load = LossScaler.load_state_dict
+    monkeypatch.setattr(LossScaler, "load_state_dict", lambda self, state: loaded.append(state) or real_load(self, state))
+    history = run(True)  # nothing left to train: the resume only loads the checkpoint
+    assert loaded == [saved] and len(history["test_acc"]) == 1
+
+
+# --- runtime presets ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability, fast_amp", [((9, 0), "bf16"), ((8, 6), "bf16"), ((7, 5), "fp16")])
+def test_presets_pick_the_precision_by_compute_capability(monkeypatch, capability, fast_amp):
+    fake_gpu(monkeypatch, capability)
+    assert runtime_lib.runtime_for(CUDA, "fast", norm="bn")["amp"] == fast_amp
+    assert runtime_lib.runtime_for(CUDA, "fp16", norm="bn")["amp"] == "fp16"
+    assert runtime_lib.runtime_for(CUDA, "fp32", norm="bn")["amp"] is None
+    fp16 = runtime_lib.runtime_for(CUDA, "fp16", norm="gn")
+    assert fp16["cuda_graph"] and fp16["triton_kernels"] == (capability >= (8, 0))
+    for preset in runtime_lib.PRESETS:  # off CUDA every preset is the eager reference
+        assert runtime_lib.runtime_for("cpu", preset, norm="bn") == runtime_lib.runtime_for("cpu", "eager")
+
+
+def test_help_explains_every_runtime_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--runtime {fast,fp16,fp32,eager}" in out
+    for name, what in runtime_lib.PRESETS.items():
+        assert f"  {name:<6} {what}\n" in out and len(f"  {name:<6} {what}") <= 100
+
+
+# --- the fallback to PyTorch's modules ------------------------------------------------------------
+
+def test_without_triton_every_norm_uses_the_modules_and_says_so_once(monkeypatch, capsys):
+    fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(runtime_lib, "triton_available", lambda: False)
+    for norm in ("bn", "ln", "gn", "bn"):
+        runtime = runtime_lib.runtime_for(CUDA, norm=norm)
+        assert not runtime["triton_kernels"] and runtime["channels_last"] == (norm == "bn")
+        assert runtime["amp"] == "bf16" and runtime["cuda_graph"]
+    # Asking for the kernels cannot turn them on without Triton.
+    assert not runtime_lib.runtime_for(CUDA, norm="gn", triton_kernels=True)["triton_kernels"]
+    assert said(capsys) == ["normstudy: Triton kernels off (Triton is not installed); using PyTorch's modules"]
+
+
+def test_a_gpu_older_than_ampere_uses_the_modules_in_fp16_and_says_so_once(monkeypatch, capsys):
+    fake_gpu(monkeypatch, (7, 5))  # Colab's T4
+    for norm in ("gn", "bn", "ln"):
+        runtime = runtime_lib.runtime_for(CUDA, norm=norm)
+        assert runtime == {"amp": "fp16", "cuda_graph": True, "triton_kernels": False,
+                           "channels_last": norm == "bn", "cudnn_benchmark": False, "compile": False}
+    lines = said(capsys)
+    assert len(lines) == 1 and "compute capability 7.5" in lines[0] and "8.0" in lines[0]
+    # The eager preset never wanted them: nothing to say.
+    runtime_lib._said.clear()
+    runtime_lib.runtime_for(CUDA, "eager", norm="bn")
+    assert said(capsys) == []
+
+
+def test_kernels_that_fail_to_compile_are_dropped_for_the_process(dataset, monkeypatch, capsys):
+    from normstudy.fast import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTXAS error: Internal Triton PTX codegen error\nptxas fatal")
+
+    monkeypatch.setattr(kernels, "precompile", broken)
+    for norm in ("gn", "bn"):  # two runs of one process (the CPU stands in for the GPU here)
+        recipe = recipe_lib.recipe_for(norm, batch_size=100)
+        model = models.fresh_model(norm, recipe, train_images=dataset["train_images"], seed=0)
+        training = fit_lib.prepare(model, dataset, recipe=recipe, device="cpu", seed=0, norm=norm,
+                                   runtime={"triton_kernels": True, "channels_last": True})
+        assert not training.runtime["triton_kernels"] and training.runtime["channels_last"] == (norm == "bn")
+        assert not any(m.fused for m in model.modules() if isinstance(m, (models.ConvBlock, models.MaxPool2d)))
+        assert model.c1[0].weight.is_contiguous(memory_format=torch.channels_last) == (norm == "bn")
+    # Later runs of this process do not try them again, on any device.
+    fake_gpu(monkeypatch, (9, 0))
+    assert not runtime_lib.runtime_for(CUDA, norm="ln")["triton_kernels"]
+    lines = said(capsys)
+    assert lines == ["normstudy: Triton kernels off (they failed to compile: RuntimeError: PTXAS error: "
+                     "Internal Triton PTX codegen error ptxas fatal); using PyTorch's modules"]
+
+
+def wrong_relu_norm(x, norm, residual=None):
+    y = norm(F.relu(x)) * 1.01  # one per cent off
+    return y if residual is None else residual + y
+
+
+def raising_relu_norm(x, norm, residual=None):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.mark.parametrize("fake, expected", [(wrong_relu_norm, "self-check failed in fp32: output"),
+                                            (raising_relu_norm, "self-check failed: RuntimeError: CUDA error")])
+def test_kernels_that_fail_their_self_check_are_dropped(monkeypatch, capsys, fake, expected):
+    pytest.importorskip("triton")
+    from normstudy.fast import kernels
+    if not kernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("no GPU and Triton's interpreter is off")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(kernels, "relu_norm", fake)
+    monkeypatch.setattr(kernels, "max_pool", lambda x, pool: F.max_pool2d(x, 2))  # fast in the interpreter
+    torch.manual_seed(0)
+    model = models.CifarNet("gn")
+    runtime = {"amp": None, "cuda_graph": False, "triton_kernels": True, "channels_last": True,
+               "cudnn_benchmark": False, "compile": False}
+    fit_lib.prepare_model(model, device, runtime)
+    weights = copy.deepcopy(model.state_dict())
+    used = fit_lib.compile_kernels(model, torch.device(device), runtime, image_shape=(3, 32, 32))
+    assert used == {**runtime, "triton_kernels": False, "channels_last": False}
+    assert not model.c1.fused and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    lines = said(capsys)
+    assert len(lines) == 1 and expected in lines[0] and "\n" not in lines[0]
+
+
+def test_the_real_kernels_pass_their_self_check(capsys):
+    pytest.importorskip("triton")
+    from normstudy.fast import kernels
+    if not kernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("no GPU and Triton's interpreter is off")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = models.CifarNet("bn")
+    runtime = {"amp": None, "cuda_graph": False, "triton_kernels": True, "channels_last": True,
+               "cudnn_benchmark": False, "compile": False}
+    fit_lib.prepare_model(model, device, runtime)
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    assert fit_lib.compile_kernels(model, device, runtime, image_shape=(3, 32, 32)) is runtime
+    assert model.c1.fused and said(capsys) == []
+    # The check leaves the model (BatchNorm's running statistics too) and the random stream alone.
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
