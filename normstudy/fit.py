@@ -281,7 +281,7 @@ def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, runtime=None
     """
     from .fast.graph_epoch import DEVICE_LOCK  # CUDA work of concurrent runs vs graph recording
     recipe = recipe or recipe_lib.recipe_for(norm)
-    with DEVICE_LOCK.work():
+    with DEVICE_LOCK.alone():  # compiling and checking kernels, seeding: nothing else on the GPU meanwhile
         training = prepare(model, dataset, recipe=recipe, device=device, seed=seed, runtime=runtime, norm=norm)
         identity = run_identity(norm=norm, seed=seed, recipe=recipe, dataset=dataset)
         history = new_history()

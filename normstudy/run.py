@@ -34,6 +34,7 @@ from . import models
 from . import plots
 from . import runtime as runtime_lib
 from .config import RunConfig
+from .fast.graph_epoch import DEVICE_LOCK
 
 
 class RunFolderError(ValueError):
@@ -151,24 +152,26 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
     device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
     dataset = dataset if dataset is not None else load_data(config, data_dir=data_dir, download=download)
     recipe = config.recipe
-    model = models.fresh_model(config.norm, recipe, train_images=dataset["train_images"], seed=config.seed)
+    with DEVICE_LOCK.work():  # seeding touches the CUDA generator: never during another run's recording
+        model = models.fresh_model(config.norm, recipe, train_images=dataset["train_images"], seed=config.seed)
     runtime = fit_lib.resolve_runtime(device, config.norm, runtime)
     history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, device=device, seed=config.seed,
                           runtime=runtime, checkpoint_path=checkpoint, resume=resume and checkpoint.exists(),
                           progress=progress, log=log)
     # The runtime the run had: the Triton kernels may have failed their compile or self-check.
     runtime = fit_lib.resolve_runtime(device, config.norm, runtime)
-    test_loader = data_lib.test_loader(dataset, device=device)
-    tta = loop.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
-    record = {"id": config.run_id, "config": config.to_dict(), "recipe": recipe,
-              "device": runtime_lib.device_name(device), "runtime": runtime,
-              "evaluated_on": f"{config.holdout} held-out training images" if config.holdout else "test set",
-              "params": sum(p.numel() for p in model.parameters()),
-              "final": {**summary_figures(history), "test_acc_tta_flip": tta},
-              "history": history, "seconds": time.perf_counter() - start}
-    checkpoints.save_torch(run_dir / "weights.pt", model.state_dict())
-    if figures:
-        write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
+    with DEVICE_LOCK.work():  # evaluation and figures run on the GPU too (see fast.graph_epoch)
+        test_loader = data_lib.test_loader(dataset, device=device)
+        tta = loop.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
+        record = {"id": config.run_id, "config": config.to_dict(), "recipe": recipe,
+                  "device": runtime_lib.device_name(device), "runtime": runtime,
+                  "evaluated_on": f"{config.holdout} held-out training images" if config.holdout else "test set",
+                  "params": sum(p.numel() for p in model.parameters()),
+                  "final": {**summary_figures(history), "test_acc_tta_flip": tta},
+                  "history": history, "seconds": time.perf_counter() - start}
+        checkpoints.save_torch(run_dir / "weights.pt", model.state_dict())
+        if figures:
+            write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
     checkpoints.write_json(run_dir / "record.json", record)  # last: the run is finished
     return record
 

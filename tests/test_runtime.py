@@ -253,7 +253,7 @@ def raising_relu_norm(x, norm, residual=None):
 
 
 @pytest.mark.parametrize("fake, expected", [(wrong_relu_norm, "self-check failed in fp32: output"),
-                                            (raising_relu_norm, "self-check failed: RuntimeError: CUDA error")])
+                                            (raising_relu_norm, "self-check failed")])
 def test_kernels_that_fail_their_self_check_are_dropped(monkeypatch, capsys, fake, expected):
     pytest.importorskip("triton")
     from normstudy.fast import kernels

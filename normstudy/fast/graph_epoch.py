@@ -30,12 +30,14 @@ from . import steps as steps_lib
 
 class RecordingLock:
     """Several runs may train at once in threads of one process (the study's concurrent runs),
-    each on its own CUDA stream. Recording a CUDA graph must not overlap any other CUDA work of
-    the process: a device-wide synchronization, a cuDNN call or a kernel load elsewhere
-    invalidates the capture (seen on the H100). So every run's CUDA work holds this lock shared
-    (:meth:`work`) and recording holds it alone (:meth:`recording`); a waiting recording goes
-    before new work, so it waits at most for the epochs under way. Recording happens a few times
-    per run, at its start. With one run per process the lock never waits."""
+    each on its own CUDA stream. Some steps must not overlap any other CUDA work of the process:
+    recording a CUDA graph (a device-wide synchronization, a cuDNN call, a copy from the CPU or
+    seeding the CUDA generator elsewhere invalidates the capture: all seen on the H100), and a
+    run's set-up (compiling Triton kernels while another thread launches them gave a self-check
+    error of 130 % there). So every run's CUDA work holds this lock shared (:meth:`work`) and
+    those steps hold it alone (:meth:`recording`, :meth:`alone`); a waiting one goes before new
+    work, so it waits at most for the epochs under way. They happen a few times per run, at its
+    start. With one run per process the lock never waits."""
 
     def __init__(self):
         self._changed = threading.Condition()
@@ -54,6 +56,10 @@ class RecordingLock:
             with self._changed:
                 self._working -= 1
                 self._changed.notify_all()
+
+    def alone(self):
+        """Hold the lock alone: no other thread's CUDA work runs meanwhile."""
+        return self.recording()
 
     @contextlib.contextmanager
     def recording(self):
