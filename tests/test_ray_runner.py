@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-
 import normstudy.runners
-from normstudy import checkpoints, report
+from normstudy import checkpoints, data, report
 from normstudy import run as run_lib
 from normstudy.config import RunConfig
 from normstudy.runners import ray as ray_runner
@@ -33,7 +32,7 @@ def comparable(record):
 def ray_cluster():
     """One embedded Ray of 2 CPUs for the whole module (its start costs seconds)."""
     ray = pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
-    ray_runner.init_ray(num_cpus=2)
+    ray_runner.init_ray(num_cpus=2, num_gpus=0)
     yield ray
     ray.shutdown()
 
@@ -48,9 +47,12 @@ def references(tmp_path_factory):
 
 def test_ray_runner_gives_the_records_and_files_of_run_one(ray_cluster, references, tmp_path):
     lines, seen = [], []
-    runner = ray_runner.RayRunner(runs_per_worker=2, log=lines.append)  # both runs at once, in one worker
+    threads = torch.get_num_threads()  # as many as run_one had here: the same sums, bit for bit
+    runner = ray_runner.RayRunner(workers=1, cpus_per_worker=threads, runs_per_worker=2,  # both runs at once
+                                  log=lines.append)
     records = runner.run(GRID, out=tmp_path, device="cpu", on_record=seen.append)
-    assert lines == ["ray: 1 worker(s) on 1 node(s), GPUs: 0 (CPU workers, 2 CPU(s) each), 2 run(s) at a time per worker"]
+    assert lines == [f"ray: 1 worker(s) on 1 node(s), GPUs: 0 (CPU workers, {threads} CPU(s) each), "
+                     "2 run(s) at a time per worker"]
     assert [r["id"] for r in records] == [c.run_id for c in GRID]
     assert sorted(r["id"] for r in seen) == sorted(c.run_id for c in GRID)
     for record in records:
@@ -93,6 +95,15 @@ def test_a_lost_worker_loses_no_run_and_counts_none_twice(ray_cluster, reference
     assert [r["id"] for r in finished] == sorted(c.run_id for c in grid) and skipped == []
     summary = report.summarize(finished)
     assert [(s["norm"], s["seeds"]) for s in summary.values()] == [("bn", [0]), ("ln", [2]), ("gn", [1])]
+
+
+def test_a_run_that_fails_raises_its_own_exception(ray_cluster, tmp_path):
+    config = RunConfig(norm="bn", epochs=1)  # CIFAR-10, which the worker will not find
+    runner = ray_runner.RayRunner(log=lambda line: None)
+    with pytest.raises(data.DatasetError, match="not found and downloading is off"):
+        runner.run([config], out=tmp_path / "out", data_dir=tmp_path / "no-data", download=False, device="cpu")
+    assert sorted(p.name for p in (tmp_path / "out" / config.run_id).iterdir()) == [".lock", "config.json"]
+    assert runner.actors == []
 
 
 def test_finished_runs_are_not_trained_again(ray_cluster, references, tmp_path):

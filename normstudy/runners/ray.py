@@ -4,10 +4,10 @@
     runner = RayRunner(address="auto")    # join the cluster that `ray start` runs here
     runner.run(configs, out="results", on_record=print)
 
-**Workers.** One actor per GPU of the cluster (``num_gpus=1`` each). On a cluster without GPUs
-(or with ``device="cpu"``) one actor per ``cpus_per_worker`` CPUs (default 2: the CNN trains
-best on a few threads per process, and processes do not share a GIL). ``workers=N`` asks for N
-(at most one per GPU). Each worker is a threaded actor that trains ``runs_per_worker`` runs at
+**Workers.** One actor per GPU of the cluster (``num_gpus=1, num_cpus=0`` each). On a cluster
+without GPUs (or with ``device="cpu"``) one actor per ``cpus_per_worker`` CPUs of a node
+(default 2: the CNN trains best on a few threads per process, and processes share no GIL).
+``workers=N`` asks for N (at most as many as fit). Each worker is a threaded actor that trains ``runs_per_worker`` runs at
 once (default: 2 on a GPU, where one small run leaves the GPU partly idle; 1 on CPUs, which
 one run keeps busy), each call in its own thread and, on CUDA, on its own stream. A worker
 loads each dataset once (cached by ``(data, holdout, data_dir)``) and keeps its compiled Triton
@@ -52,6 +52,7 @@ INSTALL_HINT = "pip install -r requirements-ray.txt"
 RUN_FILES = ("config.json", "weights.pt", "curves.png", "misclassified.png", "record.json")
 CPUS_PER_WORKER = 2
 RUNS_PER_GPU_WORKER = 2
+STALL_SECONDS = 60  # no worker started and nothing finished for this long: say so (once)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # normstudy/, shipped to the cluster's workers
 
 
@@ -174,6 +175,7 @@ class RayRunner:
         pool = self._pool
         queue = collections.deque((config, 1) for config in pending)
         in_flight = {}  # object ref -> (worker, config, attempt)
+        stalled = False
 
         def dispatch():  # fill every ready worker's free slots from the queue
             for worker in pool.ready():
@@ -188,7 +190,14 @@ class RayRunner:
             waiting = list(in_flight) + pool.starting_refs()
             if not waiting:
                 raise RayRunnerError("ray: no worker left to run on")  # not reached: lost workers are replaced
-            [ref], _ = ray.wait(waiting, num_returns=1)
+            done, _ = ray.wait(waiting, num_returns=1, timeout=STALL_SECONDS)
+            if not done:
+                if not in_flight and not stalled:  # say once why nothing happens
+                    self.log(f"ray: waiting for {len(pool.starting_refs())} worker(s) to start: the cluster has "
+                             "no free resources for them (see `ray status`)")
+                stalled = True
+                continue
+            [ref], stalled = done, False
             if ref not in in_flight:
                 pool.started(ref)
                 continue
@@ -258,38 +267,39 @@ class _Pool:
 
     def __init__(self, ray, runner, *, device):
         self.ray, self.runner = ray, runner
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
             raise RayRunnerError(f"ray: device {device!r}: the ray runner trains on cuda or cpu (try auto)")
+        # Workers are sized per node: an actor's CPUs or GPU must all be on one node.
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        node_gpus = [int(resources.get("GPU", 0)) for resources in nodes]
+        node_cpus = [int(resources.get("CPU", 0)) for resources in nodes]
+        gpus, cpus = sum(node_gpus), sum(node_cpus)
         use_gpus = str(device).startswith("cuda") or (device == "auto" and gpus > 0)
         if use_gpus and not gpus:
             raise RayUnavailableError(f"ray: device {device!r} but the Ray cluster has no GPUs "
                                       "(start its nodes with --num-gpus, or use --device cpu)")
+        if not use_gpus and not cpus:
+            raise RayUnavailableError("ray: the Ray cluster has neither GPUs nor CPUs to run on")
         if use_gpus:
-            count = min(runner.workers or gpus, gpus)
-            if runner.workers and runner.workers > gpus:
-                runner.log(f"ray: {runner.workers} workers asked for, but the cluster has {gpus} GPU(s): {count}")
-            self.options = dict(num_gpus=1, num_cpus=1)
+            fit = gpus
+            self.options = dict(num_gpus=1, num_cpus=0)  # a GPU node with few CPUs still takes workers
             self.device = "cuda"
             self.runs_per_worker = runner.runs_per_worker or RUNS_PER_GPU_WORKER
             threads = None
-            kind = f"GPUs: {count} of {gpus}, one per worker"
         else:
-            cpus = max(cpus, 1)
             per = runner.cpus_per_worker or (max(1, cpus // runner.workers) if runner.workers else CPUS_PER_WORKER)
-            per = min(per, cpus)
-            count = runner.workers or max(1, cpus // per)
-            if count * per > cpus:
-                count = max(1, cpus // per)
-                runner.log(f"ray: {runner.workers} workers of {per} CPU(s) do not fit in {cpus} CPUs: {count}")
+            per = min(per, max(node_cpus))
+            fit = sum(n // per for n in node_cpus)
             self.options = dict(num_cpus=per, num_gpus=0)
             self.device = "cpu"
             self.runs_per_worker = runner.runs_per_worker or 1
             threads = per
-            kind = f"GPUs: {gpus} (CPU workers, {per} CPU(s) each)"
-        runner.log(f"ray: {count} worker(s) on {nodes} node(s), {kind}, "
+        count = min(runner.workers or fit, fit)
+        if runner.workers and runner.workers > fit:
+            runner.log(f"ray: {runner.workers} workers asked for, {fit} fit in the cluster")
+        kind = (f"GPUs: {count} of {gpus}, one per worker" if use_gpus else
+                f"GPUs: {gpus} (CPU workers, {self.options['num_cpus']} CPU(s) each)")
+        runner.log(f"ray: {count} worker(s) on {len(nodes)} node(s), {kind}, "
                    f"{self.runs_per_worker} run(s) at a time per worker")
         self.actor_class = ray.remote(_Worker).options(
             **self.options, max_concurrency=self.runs_per_worker, max_restarts=0, scheduling_strategy="SPREAD")
