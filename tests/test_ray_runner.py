@@ -1,5 +1,6 @@
 """The Ray runner on CPU with an embedded Ray: the same records and files as run_one, no run lost
-or counted twice when a worker dies, resume across runners, and one line when Ray is missing."""
+or counted twice when a worker dies, interrupted runs continued, failures as the runners' interface
+says, and one line when Ray is missing."""
 import importlib
 import json
 import shutil
@@ -12,11 +13,12 @@ import normstudy.runners
 from normstudy import checkpoints, data, report
 from normstudy import run as run_lib
 from normstudy.config import RunConfig
+from normstudy.runners import RunsFailed
 from normstudy.runners import ray as ray_runner
 
 GRID = [RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=0),
         RunConfig(norm="gn", data="synthetic", epochs=1, batch_size=512, seed=1)]
-EXTRA = RunConfig(norm="ln", data="synthetic", epochs=1, batch_size=512, seed=2)
+TWO_EPOCHS = RunConfig(norm="ln", data="synthetic", epochs=2, batch_size=512, seed=2)
 TIMING = {"seconds", "device"}  # record fields that differ between any two executions
 
 
@@ -46,23 +48,20 @@ def references(tmp_path_factory):
 
 
 def test_ray_runner_gives_the_records_and_files_of_run_one(ray_cluster, references, tmp_path):
-    lines, seen = [], []
+    lines, records = [], []
     threads = torch.get_num_threads()  # as many as run_one had here: the same sums, bit for bit
     runner = ray_runner.RayRunner(workers=1, cpus_per_worker=threads, runs_per_worker=2,  # both runs at once
                                   log=lines.append)
-    records = runner.run(GRID, out=tmp_path, device="cpu", on_record=seen.append)
+    runner.run(GRID, out=tmp_path, device="cpu", on_record=records.append)
     assert lines == [f"ray: 1 worker(s) on 1 node(s), GPUs: 0 (CPU workers, {threads} CPU(s) each), "
                      "2 run(s) at a time per worker"]
-    assert [r["id"] for r in records] == [c.run_id for c in GRID]
-    assert sorted(r["id"] for r in seen) == sorted(c.run_id for c in GRID)
+    assert sorted(r["id"] for r in records) == sorted(c.run_id for c in GRID)
     for record in records:
         reference, reference_dir = references[record["id"]]
         assert comparable(record) == comparable(reference)
         run_dir = tmp_path / record["id"]
         assert comparable(json.loads((run_dir / "record.json").read_text())) == comparable(reference)
-        # The same files, less the checkpoint (only an unfinished run needs one).
-        assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-            p.name for p in reference_dir.iterdir() if p.name != "checkpoint.pt")
+        assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in reference_dir.iterdir())
         for name in ("config.json", "curves.png", "misclassified.png"):
             assert (run_dir / name).read_bytes() == (reference_dir / name).read_bytes(), name
         ours, theirs = (checkpoints.load_torch(d / "weights.pt") for d in (run_dir, reference_dir))
@@ -70,39 +69,63 @@ def test_ray_runner_gives_the_records_and_files_of_run_one(ray_cluster, referenc
     assert runner.actors == [] and runner.retries == 0
 
 
+class _Interrupt(Exception):
+    pass
+
+
 def test_a_lost_worker_loses_no_run_and_counts_none_twice(ray_cluster, references, tmp_path):
-    # A grid stopped midway on the local runner: its first run is finished in out.
+    # A grid stopped midway on the local runner: one run finished, one interrupted after epoch 1.
     done_id = GRID[0].run_id
     shutil.copytree(references[done_id][1], tmp_path / done_id)
-    grid = [*GRID, EXTRA]
+
+    def interrupt(line):
+        raise _Interrupt  # called after epoch 1 and its checkpoint
+    with pytest.raises(_Interrupt):
+        run_lib.run_one(TWO_EPOCHS, tmp_path, progress=False, log=interrupt, device="cpu")
+    interrupted = checkpoints.load_torch(tmp_path / TWO_EPOCHS.run_id / "checkpoint.pt")["history"]
+
+    grid = [*GRID, TWO_EPOCHS]
     lines, seen, killed = [], [], []
     runner = ray_runner.RayRunner(runs_per_worker=1, log=lines.append)
 
     def kill_the_worker_once(record):
-        seen.append(record["id"])
+        seen.append(record)
         if record["id"] != done_id and not killed:  # mid-grid: the worker has started the last run
             killed.extend(runner.actors)
             ray_cluster.kill(killed[0], no_restart=False)
 
-    records = runner.run(grid, out=tmp_path, device="cpu", on_record=kill_the_worker_once)
+    runner.run(grid, out=tmp_path, device="cpu", on_record=kill_the_worker_once)
     assert len(killed) == 1 and runner.retries == 1
     assert lines[1].startswith("ray: worker 0 lost (") and lines[1].endswith("); starting another")
-    assert lines[2:] == [f"ray: {EXTRA.run_id} goes back to the queue (attempt 2 of 3)"]
-    assert seen == [done_id, GRID[1].run_id, EXTRA.run_id]  # each once; the finished one not trained again
-    assert [r["id"] for r in records] == [c.run_id for c in grid]
-    assert comparable(records[1]) == comparable(references[GRID[1].run_id][0])
+    assert lines[2:] == [f"ray: {TWO_EPOCHS.run_id} goes back to the queue (attempt 2 of 3)"]
+    # Each run reported once; the finished one first, as it was; the interrupted one continued.
+    assert [r["id"] for r in seen] == [done_id, GRID[1].run_id, TWO_EPOCHS.run_id]
+    assert seen[0] == references[done_id][0]
+    assert comparable(seen[1]) == comparable(references[GRID[1].run_id][0])
+    history = seen[2]["history"]
+    assert len(history["test_acc"]) == 2 and history["epoch_seconds"][0] == interrupted["epoch_seconds"][0]
     finished, skipped = report.load_records(tmp_path)
     assert [r["id"] for r in finished] == sorted(c.run_id for c in grid) and skipped == []
     summary = report.summarize(finished)
     assert [(s["norm"], s["seeds"]) for s in summary.values()] == [("bn", [0]), ("ln", [2]), ("gn", [1])]
 
 
-def test_a_run_that_fails_raises_its_own_exception(ray_cluster, tmp_path):
-    config = RunConfig(norm="bn", epochs=1)  # CIFAR-10, which the worker will not find
+def test_a_missing_dataset_is_raised_before_any_run_and_a_failed_run_is_named(ray_cluster, tmp_path):
     runner = ray_runner.RayRunner(log=lambda line: None)
+    config = RunConfig(norm="bn", epochs=1)  # CIFAR-10, which the workers will not find
     with pytest.raises(data.DatasetError, match="not found and downloading is off"):
-        runner.run([config], out=tmp_path / "out", data_dir=tmp_path / "no-data", download=False, device="cpu")
-    assert sorted(p.name for p in (tmp_path / "out" / config.run_id).iterdir()) == [".lock", "config.json"]
+        runner.run([config], out=tmp_path, data_dir=tmp_path / "no-data", download=False, device="cpu",
+                   on_record=lambda record: pytest.fail("no run should finish"))
+    assert sorted(p.name for p in (tmp_path / config.run_id).iterdir()) == [".lock", "config.json"]
+    # A damaged checkpoint fails its run (on the worker, which it travels to), with one line.
+    damaged = RunConfig(norm="gn", data="synthetic", epochs=1, seed=5)
+    (tmp_path / damaged.run_id).mkdir()
+    (tmp_path / damaged.run_id / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunsFailed) as err:
+        runner.run([damaged], out=tmp_path, device="cpu", on_record=lambda record: pytest.fail("it failed"))
+    assert list(err.value.failures) == [damaged.run_id]
+    assert err.value.failures[damaged.run_id].startswith("CheckpointError: ")
+    assert not (tmp_path / damaged.run_id / "record.json").exists()
     assert runner.actors == []
 
 
@@ -111,8 +134,8 @@ def test_finished_runs_are_not_trained_again(ray_cluster, references, tmp_path):
         shutil.copytree(run_dir, tmp_path / run_id)
     seen = []
     runner = ray_runner.RayRunner(log=lambda line: pytest.fail(f"no worker should start: {line}"))
-    records = runner.run(GRID, out=tmp_path, device="cpu", on_record=seen.append)
-    assert records == seen == [references[c.run_id][0] for c in GRID]
+    runner.run(GRID, out=tmp_path, device="cpu", on_record=seen.append)
+    assert seen == [references[c.run_id][0] for c in GRID]
 
 
 def test_without_ray_the_runner_says_how_to_install_it_in_one_line(monkeypatch):
@@ -124,21 +147,4 @@ def test_without_ray_the_runner_says_how_to_install_it_in_one_line(monkeypatch):
         with pytest.raises(module.RayUnavailableError) as err:
             make()
         assert str(err.value) == "the ray runner needs Ray, which is not installed: pip install -r requirements-ray.txt"
-    assert issubclass(module.RayUnavailableError, module.RayRunnerError)
-
-
-def test_run_files_are_written_record_last_and_a_stale_checkpoint_goes(tmp_path, monkeypatch):
-    run_dir = tmp_path / "bn-b512-e1-s0-synthetic"
-    run_dir.mkdir()
-    (run_dir / "checkpoint.pt").write_bytes(b"an interrupted attempt")
-    order = []
-    files = {name: name.encode() for name in ray_runner.RUN_FILES}
-    real = ray_runner.checkpoints.atomic_write
-    monkeypatch.setattr(ray_runner.checkpoints, "atomic_write",
-                        lambda path, write: (order.append(path.name), real(path, write)))
-    ray_runner.write_run_files(run_dir, files)
-    assert order[-1] == "record.json" and sorted(order) == sorted(ray_runner.RUN_FILES)
-    assert not (run_dir / "checkpoint.pt").exists()
-    assert all((run_dir / name).read_bytes() == name.encode() for name in ray_runner.RUN_FILES)
-    with pytest.raises(ray_runner.RayRunnerError):
-        ray_runner.write_run_files(run_dir, {"evil.sh": b""})
+    assert issubclass(module.RayUnavailableError, ValueError)  # the CLIs print it in one line, exit 2

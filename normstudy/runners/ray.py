@@ -4,29 +4,36 @@
     runner = RayRunner(address="auto")    # join the cluster that `ray start` runs here
     runner.run(configs, out="results", on_record=print)
 
+It keeps the runners' interface (:mod:`normstudy.runners`); what is particular to it:
+
 **Workers.** One actor per GPU of the cluster (``num_gpus=1, num_cpus=0`` each). On a cluster
 without GPUs (or with ``device="cpu"``) one actor per ``cpus_per_worker`` CPUs of a node
 (default 2: the CNN trains best on a few threads per process, and processes share no GIL).
-``workers=N`` asks for N (at most as many as fit). Each worker is a threaded actor that trains ``runs_per_worker`` runs at
-once (default: 2 on a GPU, where one small run leaves the GPU partly idle; 1 on CPUs, which
-one run keeps busy), each call in its own thread and, on CUDA, on its own stream. A worker
-loads each dataset once (cached by ``(data, holdout, data_dir)``) and keeps its compiled Triton
-kernels in memory for all its runs; its Triton and Inductor caches live in a folder of its own
-(``$TMPDIR/normstudy-ray-<user>/worker-<i>/``, held under a file lock and reused by later
+``workers=N`` asks for N (at most as many as fit). Each worker is a threaded actor that trains
+``runs_per_worker`` runs at once (default: 2 on a GPU, where one small run leaves the GPU partly
+idle; 1 on CPUs, which one run keeps busy), each call in its own thread and, on CUDA, on its own
+stream (what makes runs in threads safe is in :mod:`normstudy.runners.local`). A worker loads
+each dataset once, at its start (on its device, keyed by ``(data, holdout, data_dir)``; a missing
+dataset is raised there, before any run starts), and keeps its compiled Triton kernels in memory
+for all its runs; its Triton and Inductor caches live in a folder of its own
+(``$TMPDIR/normstudy-ray-<user>/worker-<i>/``, held under a file lock and found warm by later
 workers), since concurrent writers to one cache are a known source of errors.
 
-**Results.** A worker trains into a scratch folder of its own and returns the record and the
-run's files as bytes (nodes share no filesystem); the driver writes them into ``out/<run id>/``
-atomically, ``record.json`` last (a run is finished when it has one), then calls
-``on_record(record)``. So ``out`` looks as the local runner leaves it, and a grid stopped midway
-continues on either runner. ``checkpoint.pt`` does not travel: it only serves to continue an
-interrupted run, a finished run is never continued, and a run cut off on a worker starts over
-(one left in ``out`` by an interrupted local run is removed when the run finishes here).
+**Run folders travel.** Nodes share no filesystem: an interrupted run's folder (``config.json``,
+``checkpoint.pt``) goes to the worker, which continues it in a scratch folder of its own; the
+finished folder comes back as bytes (:func:`~normstudy.runners.pack_run_folder`, checkpoint
+included: ``out`` ends as the local runner leaves it) and is written into ``out/<run id>/``
+atomically, ``record.json`` last, before ``on_record`` hears of it. A relative ``data_dir`` is
+taken from the driver's working directory; on other nodes the dataset is read (or downloaded)
+at that same path.
 
 **Faults.** A worker that dies (killed process, lost node) is replaced; its unfinished runs go
-back to the queue and run on another worker, up to ``max_attempts`` times each. A run id is
-written and reported at most once. An exception raised by a run itself (a diverged run, a bad
-folder) is raised here, as the local runner would.
+back to the queue and start again (from the checkpoint they came with) on another worker, up to
+``max_attempts`` times each, then count as failed. A run id is written and reported at most once.
+
+**Stopping.** On Ctrl-C (or an exception from ``on_record``) no new run starts, each running
+run's last complete epoch comes back from its worker as its checkpoint (at once: a worker writes
+one after every epoch), and the exception goes on; a second Ctrl-C quits without waiting.
 
 Ray is optional (``requirements-ray.txt``) and imported only when a runner is made, so this
 module imports without it; :class:`RayUnavailableError` then says in one line how to install it.
@@ -43,25 +50,26 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .. import checkpoints
 from .. import run as run_lib
 from ..config import RunConfig
+from . import RunsFailed, failure_line, pack_run_folder, unpack_run_folder
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
-# What a worker sends back, in the order the driver writes it: record.json last (finished).
-RUN_FILES = ("config.json", "weights.pt", "curves.png", "misclassified.png", "record.json")
 CPUS_PER_WORKER = 2
 RUNS_PER_GPU_WORKER = 2
 STALL_SECONDS = 60  # no worker started and nothing finished for this long: say so (once)
+STOP_SECONDS = 60  # on Ctrl-C, how long to wait for the running runs' checkpoints
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # normstudy/, shipped to the cluster's workers
 
 
-class RayRunnerError(RuntimeError):
-    """The Ray runner cannot go on: one line for the user (the CLI prints it and exits)."""
+class RayRunnerError(ValueError):
+    """The Ray runner cannot go on: one line for the user (a ``ValueError``: the CLIs print it
+    and exit 2)."""
 
 
 class RayUnavailableError(RayRunnerError):
-    """Ray is not installed, or no cluster answers at the given address (CLI: exit 2)."""
+    """Ray is not installed, or no cluster answers at the given address, or it has no GPUs for
+    ``device="cuda"``."""
 
 
 def import_ray():
@@ -92,8 +100,7 @@ def init_ray(address=None, **kwargs):
     try:
         ray.init(address=address, **{**options, **kwargs})
     except (ConnectionError, TimeoutError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RayUnavailableError(f"ray: no Ray cluster at address {address!r} ({first}); start one with "
+        raise RayUnavailableError(f"ray: no Ray cluster at address {address!r} ({_one_line(err)}); start one with "
                                   "`ray start --head`, or leave out --address for a Ray on this machine only") from None
     return True
 
@@ -107,8 +114,9 @@ class RayRunner:
     ``workers``: how many actors (default: one per GPU; without GPUs one per ``cpus_per_worker``
     CPUs). ``runs_per_worker``: runs a worker trains at once (default 2 on a GPU, 1 on CPUs).
     ``cpus_per_worker``: CPUs (torch threads) per CPU worker (default 2, or CPUs / ``workers``).
-    ``max_attempts``: how often a run is started before a lost worker fails the grid.
-    ``log``: receives the runner's few lines (the cluster at the start, lost workers).
+    ``max_attempts``: how often a run is started on a worker that then dies before it counts as
+    failed. ``log``: receives the runner's few lines (the cluster at the start, lost workers,
+    stopping). ``init_kwargs``: for ``ray.init`` when this runner connects.
     """
 
     def __init__(self, address=None, *, workers=None, runs_per_worker=None, cpus_per_worker=None, max_attempts=3,
@@ -123,7 +131,7 @@ class RayRunner:
         self.runs_per_worker = runs_per_worker
         self.cpus_per_worker = cpus_per_worker
         self.max_attempts = max_attempts
-        self.log = log
+        self.log = log or (lambda line: None)
         self.init_kwargs = dict(init_kwargs or {})
         self.retries = 0  # runs started again after their worker was lost, over all calls of run()
         self._pool = None
@@ -133,118 +141,163 @@ class RayRunner:
         """Handles of the live workers while :meth:`run` runs (for tests and monitoring)."""
         return [worker.actor for worker in self._pool.live()] if self._pool else []
 
-    def run(self, configs, *, out, data_dir="./data", download=True, device="auto", runtime=None, on_record=None):
-        """Train each config into ``out/<run id>/`` on the workers; call ``on_record(record)`` here,
-        in the calling thread, as each finishes. A config whose folder holds a finished run is
-        not trained again (its record is reported as it is). Returns the records in the order
-        of ``configs``."""
+    def run(self, configs, *, out, data_dir="./data", download=True, device="auto", runtime=None, on_record):
+        """Run ``configs`` into ``out``; ``on_record(record)`` in this thread as each finishes
+        (the interface is in :mod:`normstudy.runners`). Raises :class:`RunsFailed` at the end
+        if runs failed, the others having finished."""
         ray = import_ray()
-        on_record = on_record or (lambda record: None)
         out = Path(out)
-        unique = list({config.run_id: config for config in configs}.values())
-        records, pending = {}, []
-        for config in unique:
-            run_dir = out / config.run_id
-            record = run_lib.read_record(run_dir)
-            if record is not None:
-                if RunConfig.from_dict(record["config"]) != config:
-                    raise run_lib.RunFolderError(f"{run_dir} holds another configuration; use another --out")
-                records[config.run_id] = record
-                on_record(record)
-                continue
-            run_lib.claim_folder(run_dir, config)
-            with run_lib.folder_lock(run_dir):  # refuse now a folder another process trains in
-                pass
-            pending.append(config)
-        if pending:
-            started = init_ray(self.address, **self.init_kwargs)
+        failures, pending = {}, []
+        for config in dict.fromkeys(configs):
             try:
-                self._pool = _Pool(ray, self, device=device)
-                self._schedule(ray, pending, out=out, records=records, on_record=on_record,
-                               call=dict(data_dir=str(Path(data_dir).expanduser().resolve()), download=download,
-                                         runtime=runtime))
+                record = run_lib.read_record(out / config.run_id)
+                if record is not None and RunConfig.from_dict(record["config"]) != config:
+                    raise run_lib.RunFolderError(f"{out / config.run_id} holds another configuration; use another --out")
+            except run_lib.RunFolderError as err:
+                failures[config.run_id] = failure_line(err)
+                continue
+            if record is not None:
+                on_record(record)
+            else:
+                pending.append(config)
+        if pending:
+            started = init_ray(self.address, **self.init_kwargs)  # first: no folder is claimed in vain
+            try:
+                pending = [config for config in pending if self._claim(out / config.run_id, config, failures)]
+                if pending:
+                    call = dict(data_dir=str(Path(data_dir).expanduser().resolve()), download=download,
+                                runtime=runtime)
+                    self._pool = _Pool(ray, self, device=device, data=_data_configs(pending), call=call)
+                    failures.update(self._schedule(ray, pending, out=out, on_record=on_record, call=call))
             finally:
                 if self._pool is not None:
                     self._pool.close()
                     self._pool = None
                 if started:
                     ray.shutdown()
-        return [records[config.run_id] for config in unique]
+        if failures:
+            raise RunsFailed(failures)
 
-    def _schedule(self, ray, pending, *, out, records, on_record, call):
+    @staticmethod
+    def _claim(run_dir, config, failures):
+        """Claim ``run_dir`` for ``config`` (as run_one does); a refused folder fails its run."""
+        try:
+            run_lib.claim_folder(run_dir, config)
+            with run_lib.folder_lock(run_dir):  # refused now if another process trains in it
+                pass
+        except run_lib.RunFolderError as err:
+            failures[config.run_id] = failure_line(err)
+            return False
+        return True
+
+    def _schedule(self, ray, pending, *, out, on_record, call):
+        """Keep every ready worker's slots full until each run finished or failed; returns the
+        failures ``{run id: why}``."""
         pool = self._pool
         queue = collections.deque((config, 1) for config in pending)
         in_flight = {}  # object ref -> (worker, config, attempt)
+        finished, failures = set(), {}
         stalled = False
 
-        def dispatch():  # fill every ready worker's free slots from the queue
+        def dispatch():
             for worker in pool.ready():
                 while queue and worker.running < pool.runs_per_worker:
                     config, attempt = queue.popleft()
-                    ref = worker.actor.run.remote(config.to_dict(), device=pool.device, **call)
+                    run_dir = out / config.run_id
+                    files = pack_run_folder(run_dir) if (run_dir / "checkpoint.pt").exists() else None
+                    ref = worker.actor.run.remote(config.to_dict(), files=files, device=pool.device, **call)
                     in_flight[ref] = (worker, config, attempt)
                     worker.running += 1
 
-        while queue or in_flight:
-            dispatch()
-            waiting = list(in_flight) + pool.starting_refs()
-            if not waiting:
-                raise RayRunnerError("ray: no worker left to run on")  # not reached: lost workers are replaced
-            done, _ = ray.wait(waiting, num_returns=1, timeout=STALL_SECONDS)
-            if not done:
-                if not in_flight and not stalled:  # say once why nothing happens
-                    self.log(f"ray: waiting for {len(pool.starting_refs())} worker(s) to start: the cluster has "
-                             "no free resources for them (see `ray status`)")
-                stalled = True
+        try:
+            while queue or in_flight:
+                dispatch()
+                waiting = list(in_flight) + pool.starting_refs()
+                if not waiting:
+                    raise RayRunnerError("ray: no worker left to run on")  # not reached: lost workers are replaced
+                done, _ = ray.wait(waiting, num_returns=1, timeout=STALL_SECONDS)
+                if not done:
+                    if not in_flight and not stalled:  # say once why nothing happens
+                        self.log(f"ray: waiting for {len(pool.starting_refs())} worker(s) to start: the cluster has "
+                                 "no free resources for them (see `ray status`)")
+                    stalled = True
+                    continue
+                [ref], stalled = done, False
+                if ref not in in_flight:
+                    pool.started(ref)
+                    continue
+                worker, config, attempt = in_flight.pop(ref)
+                worker.running -= 1
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:  # the run itself failed: the others go on
+                    failures[config.run_id] = failure_line(_cause(err))
+                    continue
+                except ray.exceptions.RayError as err:  # the worker (or its node) is lost: run it again elsewhere
+                    pool.lost(worker, err)
+                    if attempt >= self.max_attempts:
+                        failures[config.run_id] = f"lost its worker {attempt} times (last: {_one_line(err)})"
+                        continue
+                    self.retries += 1
+                    self.log(f"ray: {config.run_id} goes back to the queue (attempt {attempt + 1} of {self.max_attempts})")
+                    queue.appendleft((config, attempt + 1))
+                    continue
+                if config.run_id in finished:  # never written or reported twice
+                    continue
+                pool.succeeded()
+                dispatch()  # the worker's next run starts while this one is written and reported
+                record = _write_run(out / config.run_id, result["files"])
+                finished.add(config.run_id)
+                on_record(record)
+        except BaseException:
+            self._stop(ray, in_flight, out=out, finished=finished, on_record=on_record)
+            raise
+        return failures
+
+    def _stop(self, ray, in_flight, *, out, finished, on_record):
+        """Stopping: the runs that finished are delivered, and each running run's last complete
+        epoch comes from its worker into its folder (its checkpoint)."""
+        if not in_flight:
+            return
+        self.log(f"ray: stopping; the {len(in_flight)} running run(s) keep their last complete epoch "
+                 "(Ctrl-C again to quit now)")
+        done, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
+        running = {}
+        for ref, (worker, config, _) in in_flight.items():
+            if ref not in done and worker.state == "ready":
+                running[worker.actor.snapshot.remote(config.run_id)] = config
+        answered, _ = ray.wait(list(running), num_returns=len(running), timeout=STOP_SECONDS) if running else ([], [])
+        results = [(ref, in_flight[ref][1], lambda r: r["files"]) for ref in done]
+        results += [(ref, running[ref], lambda files: files) for ref in answered]
+        for ref, config, files_of in results:
+            if config.run_id in finished:
                 continue
-            [ref], stalled = done, False
-            if ref not in in_flight:
-                pool.started(ref)
-                continue
-            worker, config, attempt = in_flight.pop(ref)
-            worker.running -= 1
             try:
-                result = ray.get(ref)
-            except ray.exceptions.RayTaskError as err:  # the run itself raised: as the local runner would
-                cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
-                if cause is not err and hasattr(cause, "add_note"):
-                    cause.add_note(f"raised in a Ray worker:\n{err}")
-                raise cause from None
-            except ray.exceptions.RayError as err:  # the worker (or its node) is lost: run it again elsewhere
-                pool.lost(worker, err)
-                if attempt >= self.max_attempts:
-                    raise RayRunnerError(f"ray: {config.run_id} lost its worker {attempt} times (last: "
-                                         f"{_one_line(err)}); see the Ray logs (/tmp/ray/session_latest/logs)") from None
-                self.retries += 1
-                self.log(f"ray: {config.run_id} goes back to the queue (attempt {attempt + 1} of {self.max_attempts})")
-                queue.appendleft((config, attempt + 1))
-                continue
-            if config.run_id in records:  # never written or reported twice
-                continue
-            pool.succeeded()
-            dispatch()  # the worker's next run starts while its last one is written and reported
-            record = result["record"]
-            if record.get("id") != config.run_id:
-                raise RayRunnerError(f"ray: a worker returned {record.get('id')!r} for {config.run_id}")
-            write_run_files(out / config.run_id, result["files"])
-            records[config.run_id] = record
-            on_record(record)
+                files = files_of(ray.get(ref))
+                record = _write_run(out / config.run_id, files) if files else None
+                if record is not None:
+                    finished.add(config.run_id)
+                    on_record(record)
+            except Exception:  # noqa: BLE001 - stopping: what cannot be saved is run again next time
+                pass
 
 
-def write_run_files(run_dir, files):
-    """Write a run's files (name -> bytes) into ``run_dir``, each atomically, ``record.json``
-    last; a ``checkpoint.pt`` left there by an interrupted attempt goes before it."""
-    run_dir = Path(run_dir)
+def _write_run(run_dir, files):
+    """Write a run folder's files (as ``pack_run_folder`` gives them) into ``run_dir`` under its
+    lock, ``record.json`` last; returns the record, if any."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    unknown = set(files) - set(RUN_FILES)
-    if unknown or "record.json" not in files:
-        raise RayRunnerError(f"ray: a worker returned the files {sorted(files)} for {run_dir.name}")
     with run_lib.folder_lock(run_dir):
-        for name in RUN_FILES[:-1]:
-            if name in files:
-                checkpoints.atomic_write(run_dir / name, lambda f, data=files[name]: f.write(data))
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-        checkpoints.atomic_write(run_dir / "record.json", lambda f: f.write(files["record.json"]))
+        return unpack_run_folder(files, run_dir)
+
+
+def _cause(err):
+    """The exception a Ray worker raised, as raised there (its traceback as a note)."""
+    cause = getattr(err, "cause", None)
+    if not isinstance(cause, BaseException):
+        return err
+    if hasattr(cause, "add_note"):
+        cause.add_note(f"raised in a Ray worker:\n{err}")
+    return cause
 
 
 def _one_line(err):
@@ -252,20 +305,25 @@ def _one_line(err):
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _data_configs(configs):
+    """One config per dataset the configs train on (data and holdout): what a worker loads."""
+    return [config.to_dict() for config in {(c.data, c.holdout): c for c in configs}.values()]
+
+
 # --- the workers, as the driver sees them ---------------------------------------------------------
 
 class _Handle:
-    def __init__(self, index, actor):
-        self.index, self.actor = index, actor
-        self.ready_ref = actor.ready.remote()
+    def __init__(self, index, actor, ready_ref):
+        self.index, self.actor, self.ready_ref = index, actor, ready_ref
         self.state = "starting"  # -> "ready" -> "dead"
         self.running = 0
+        self.info = None
 
 
 class _Pool:
     """The workers: started, replaced when lost, killed at the end."""
 
-    def __init__(self, ray, runner, *, device):
+    def __init__(self, ray, runner, *, device, data, call):
         self.ray, self.runner = ray, runner
         if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
             raise RayRunnerError(f"ray: device {device!r}: the ray runner trains on cuda or cpu (try auto)")
@@ -301,9 +359,11 @@ class _Pool:
                 f"GPUs: {gpus} (CPU workers, {self.options['num_cpus']} CPU(s) each)")
         runner.log(f"ray: {count} worker(s) on {len(nodes)} node(s), {kind}, "
                    f"{self.runs_per_worker} run(s) at a time per worker")
+        # One thread more than runs: a worker always answers the driver (snapshot on Ctrl-C).
         self.actor_class = ray.remote(_Worker).options(
-            **self.options, max_concurrency=self.runs_per_worker, max_restarts=0, scheduling_strategy="SPREAD")
+            **self.options, max_concurrency=self.runs_per_worker + 1, max_restarts=0, scheduling_strategy="SPREAD")
         self.worker_args = dict(device=self.device, threads=threads, runs_at_once=self.runs_per_worker)
+        self.ready_args = dict(configs=data, data_dir=call["data_dir"], download=call["download"])
         self.handles = []
         self.count = count
         self.failures_in_a_row = 0
@@ -311,9 +371,8 @@ class _Pool:
             self._start(index)
 
     def _start(self, index):
-        handle = _Handle(index, self.actor_class.remote(**self.worker_args))
-        self.handles.append(handle)
-        return handle
+        actor = self.actor_class.remote(**self.worker_args)
+        self.handles.append(_Handle(index, actor, actor.ready.remote(**self.ready_args)))
 
     def live(self):
         return [h for h in self.handles if h.state != "dead"]
@@ -328,6 +387,8 @@ class _Pool:
         handle = next(h for h in self.handles if h.state == "starting" and h.ready_ref == ref)
         try:
             handle.info = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:  # e.g. no dataset: it concerns every run
+            raise _cause(err) from None
         except self.ray.exceptions.RayError as err:
             self.lost(handle, err)
             return
@@ -372,45 +433,66 @@ class _Worker:
         if threads:
             torch.set_num_threads(threads)
         if runs_at_once > 1:
-            _make_runs_thread_safe()
+            _serialize_figures()
         self.device = device
         self.scratch = self.cache_dir / "runs"
         shutil.rmtree(self.scratch, ignore_errors=True)  # what a dead worker of this folder left
         self.scratch.mkdir(parents=True)
         self._datasets = {}
         self._data_lock = threading.Lock()
+        self._running = {}  # run id -> its folder, for snapshot()
 
-    def ready(self):
-        """Where this worker runs: host, process, device (the first call waits for start-up)."""
+    def ready(self, *, configs, data_dir, download):
+        """Load the datasets of ``configs`` (a missing one raises here, before any run starts);
+        return where this worker runs."""
         import torch
+        for config in configs:
+            self.dataset(RunConfig.from_dict(config), data_dir, download)
         name = torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu"
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": name, "cache_dir": str(self.cache_dir)}
 
     def dataset(self, config, data_dir, download):
-        """The dataset of ``config``, loaded once per worker (one lock: loads never race)."""
+        """The dataset of ``config``, loaded once per worker and moved to its device once."""
+        import torch
         key = (config.data, config.holdout, data_dir)
         with self._data_lock:
             if key not in self._datasets:
                 with _file_lock(Path(data_dir) / ".normstudy-data.lock", enabled=config.data == "cifar10"):
-                    self._datasets[key] = run_lib.load_data(config, data_dir=data_dir, download=download)
+                    dataset = run_lib.load_data(config, data_dir=data_dir, download=download)
+                dataset = {name: value.to(self.device) if torch.is_tensor(value) else value
+                           for name, value in dataset.items()}
+                if self.device == "cuda":
+                    torch.cuda.synchronize()  # the copies are done before other streams read them
+                self._datasets[key] = dataset
             return self._datasets[key]
 
-    def run(self, config, *, device, data_dir, download, runtime):
-        """Train one run (a ``RunConfig.to_dict()``) in a scratch folder; return its record and
-        its files as bytes (see ``RUN_FILES``)."""
+    def run(self, config, *, files, device, data_dir, download, runtime):
+        """Train one run (a ``RunConfig.to_dict()``; ``files``: its interrupted folder, to continue)
+        in a scratch folder; return its record and its folder's files as bytes."""
         config = RunConfig.from_dict(config)
         dataset = self.dataset(config, data_dir, download)
         scratch = Path(tempfile.mkdtemp(prefix=f"{config.run_id}.", dir=self.scratch))
+        run_dir = scratch / config.run_id
+        if files:
+            unpack_run_folder(files, run_dir)
+        self._running[config.run_id] = run_dir
         try:
             with _own_stream(device):
                 record = run_lib.run_one(config, scratch, dataset=dataset, data_dir=data_dir, download=download,
-                                         device=device, runtime=runtime, progress=False,
+                                         device=device, runtime=runtime, resume=True, progress=False,
                                          log=lambda line: print(f"{config.run_id}: {line}", flush=True))
-            run_dir = scratch / config.run_id
-            files = {name: (run_dir / name).read_bytes() for name in RUN_FILES if (run_dir / name).is_file()}
+            return {"record": record, "files": pack_run_folder(run_dir)}
         finally:
+            self._running.pop(config.run_id, None)
             shutil.rmtree(scratch, ignore_errors=True)
-        return {"record": record, "files": files}
+
+    def snapshot(self, run_id):
+        """The files of a running run's folder now (its checkpoint: the last complete epoch)."""
+        run_dir = self._running.get(run_id)
+        try:
+            return pack_run_folder(run_dir) if run_dir is not None else None
+        except OSError:  # it finished and its folder went meanwhile
+            return None
 
 
 def _claim_cache_dir():
@@ -469,36 +551,17 @@ def _own_stream(device):
     stream.synchronize()
 
 
-_THREAD_SAFE = False
+_FIGURES_SERIALIZED = False
 
 
-def _make_runs_thread_safe():
-    """Make a worker process safe for several runs at once, in threads: the three places where
-    :func:`run.run_one` relies on process-wide state get a lock.
-
-    - Seeding and building a model (``models.fresh_model``, ``fit.seed_everything``) use torch's
-      global random generator: one at a time, so each run's initialization follows its own seed.
-    - The figures (``run.write_run_figures``) use pyplot, which is not thread-safe: one at a time.
-    - CUDA graph capture (``torch.cuda.graph``, used by ``fast.steps``): one capture at a time, on
-      a stream of its own, in ``thread_local`` error mode, so that the other runs' work on their
-      own streams goes on while one run records its graph (the default ``global`` mode turns
-      any allocation in another thread into an error).
-
-    Only ever called inside a worker process, never in the driver. (Runs with ``dropout > 0``
-    still share the global generator while they train: valid, but not the draws of a run alone.)
-    """
-    global _THREAD_SAFE
-    if _THREAD_SAFE:
-        return
-    import torch
-    from .. import fit, models
-    seeding, figures = threading.RLock(), threading.Lock()
-    models.fresh_model = _locked(models.fresh_model, seeding)
-    fit.seed_everything = _locked(fit.seed_everything, seeding)
-    run_lib.write_run_figures = _locked(run_lib.write_run_figures, figures)
-    if torch.cuda.is_available():
-        torch.cuda.graph = _one_capture_at_a_time(torch.cuda.graph)
-    _THREAD_SAFE = True
+def _serialize_figures():
+    """A worker that trains runs in threads draws their figures one at a time: pyplot, which
+    ``run.write_run_figures`` uses, keeps process-wide state and is not thread-safe. (Seeding,
+    model building and CUDA graph recording are made safe for threads by the package itself.)"""
+    global _FIGURES_SERIALIZED
+    if not _FIGURES_SERIALIZED:
+        run_lib.write_run_figures = _locked(run_lib.write_run_figures, threading.Lock())
+        _FIGURES_SERIALIZED = True
 
 
 def _locked(function, lock):
@@ -507,30 +570,3 @@ def _locked(function, lock):
         with lock:
             return function(*args, **kwargs)
     return locked
-
-
-def _one_capture_at_a_time(graph_class):
-    lock = threading.Lock()
-
-    class graph(graph_class):
-        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="thread_local"):
-            import torch
-            super().__init__(cuda_graph, pool=pool, stream=stream if stream is not None else torch.cuda.Stream(),
-                             capture_error_mode=capture_error_mode)
-
-        def __enter__(self):
-            lock.acquire()
-            try:
-                return super().__enter__()
-            except BaseException:
-                lock.release()
-                raise
-
-        def __exit__(self, *exc):
-            try:
-                return super().__exit__(*exc)
-            finally:
-                lock.release()
-
-    graph.__qualname__ = graph.__name__ = "graph"
-    return graph
