@@ -235,6 +235,7 @@ class RayRunner:
                     continue
                 except ray.exceptions.RayError as err:  # the worker (or its node) is lost: run it again elsewhere
                     pool.lost(worker, err)
+                    pool.check_ready()  # its node's other workers may be gone too: no run goes to them
                     if attempt >= self.max_attempts:
                         failures[config.run_id] = f"lost its worker {attempt} times (last: {_one_line(err)})"
                         continue
@@ -394,6 +395,17 @@ class _Pool:
             return
         handle.state = "ready"
 
+    def check_ready(self, timeout=10):
+        """Ask every ready worker whether it is alive (a spare thread answers at once even when
+        its runs keep the others busy); those that are not are replaced."""
+        pings = {h.actor.ping.remote(): h for h in self.ready()}
+        answered, _ = self.ray.wait(list(pings), num_returns=len(pings), timeout=timeout) if pings else ([], [])
+        for ref in answered:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError as err:
+                self.lost(pings[ref], err)
+
     def succeeded(self):
         self.failures_in_a_row = 0
 
@@ -485,6 +497,9 @@ class _Worker:
         finally:
             self._running.pop(config.run_id, None)
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def ping(self):
+        return os.getpid()
 
     def snapshot(self, run_id):
         """The files of a running run's folder now (its checkpoint: the last complete epoch)."""
