@@ -4,10 +4,16 @@ saved here: notebooks display them, :func:`checkpoints.save_figure` writes them)
 matplotlib is imported on first use: a training run draws nothing until it ends, and the import
 adds ~0.5 s to every start-up.
 """
+import threading
+
 import torch
 
 from . import data as data_lib
 from . import loop
+
+# pyplot keeps process-wide state and is not thread-safe: runs that train in threads of one process
+# (the study's concurrent runs, a Ray worker's) draw their figures one at a time under this lock.
+FIGURE_LOCK = threading.Lock()
 
 
 def loss_accuracy_curves(train_losses, train_acc, test_losses, test_acc, *, title=None):

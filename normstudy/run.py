@@ -181,7 +181,8 @@ def write_run_figures(run_dir, record, *, model, device, dataset):
     config = RunConfig.from_dict(record["config"])
     title = f"{config.label}, batch {config.batch_size}, seed {config.seed}"
     history = record["history"]
-    checkpoints.save_figure(Path(run_dir) / "curves.png", plots.loss_accuracy_curves(
-        history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
-    checkpoints.save_figure(Path(run_dir) / "misclassified.png", plots.show_misclassified(
-        model, device, dataset, title=f"{title}: misclassified"))
+    with plots.FIGURE_LOCK:
+        checkpoints.save_figure(Path(run_dir) / "curves.png", plots.loss_accuracy_curves(
+            history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
+        checkpoints.save_figure(Path(run_dir) / "misclassified.png", plots.show_misclassified(
+            model, device, dataset, title=f"{title}: misclassified"))

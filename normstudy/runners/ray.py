@@ -40,7 +40,6 @@ module imports without it; :class:`RayUnavailableError` then says in one line ho
 """
 import collections
 import contextlib
-import functools
 import getpass
 import logging
 import os
@@ -445,7 +444,6 @@ class _Worker:
         if threads:
             torch.set_num_threads(threads)
         if runs_at_once > 1:
-            _serialize_figures()
         self.device = device
         self.scratch = self.cache_dir / "runs"
         shutil.rmtree(self.scratch, ignore_errors=True)  # what a dead worker of this folder left
@@ -564,24 +562,3 @@ def _own_stream(device):
     with torch.cuda.stream(stream):
         yield
     stream.synchronize()
-
-
-_FIGURES_SERIALIZED = False
-
-
-def _serialize_figures():
-    """A worker that trains runs in threads draws their figures one at a time: pyplot, which
-    ``run.write_run_figures`` uses, keeps process-wide state and is not thread-safe. (Seeding,
-    model building and CUDA graph recording are made safe for threads by the package itself.)"""
-    global _FIGURES_SERIALIZED
-    if not _FIGURES_SERIALIZED:
-        run_lib.write_run_figures = _locked(run_lib.write_run_figures, threading.Lock())
-        _FIGURES_SERIALIZED = True
-
-
-def _locked(function, lock):
-    @functools.wraps(function)
-    def locked(*args, **kwargs):
-        with lock:
-            return function(*args, **kwargs)
-    return locked
