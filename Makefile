@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-ARGS ?= --norm all --seed 0 1 2 --epochs 20 --data-dir ./data --out results
+ARGS ?= --norm all --seed 0 1 2 --epochs 20 --data-dir ./data
 LOCK := requirements-lock.txt
 REQUIREMENTS := requirements.txt requirements-dev.txt requirements-ray.txt $(LOCK)
 LOCKVENV ?= /tmp/norm-study-lockvenv
