@@ -103,15 +103,60 @@ def kernels_self_check(model, example, dtype=None):
     for what, got, expected, tol in checks:
         if got is None or not torch.isfinite(got).all() or _rel_err(got, expected) > tol:
             error = "missing" if got is None else f"relative error {_rel_err(got, expected):.2g}"
-            return f"self-check failed in fp32: {what}, {error}"
+            # A network can amplify rounding (InstanceNorm on a 4x4 map whose channel is almost
+            # constant, seen on the H100 with 32 groups): then judge the kernels block by block.
+            problem = _blockwise_check(model, images, generator)
+            if problem is not None:
+                return f"self-check failed in fp32: {what}, {error}; {problem}"
+            break
     if dtype is not None:
         (plain_out, _), (fused_out, fused) = run(False, dtype), run(True, dtype)
         name = str(dtype).replace("torch.", "")
-        if not torch.isfinite(fused_out).all() or _rel_err(fused_out, plain_out) > SELF_CHECK_16BIT_OUTPUT:
-            return f"self-check failed in {name}: output, relative error {_rel_err(fused_out, plain_out):.2g}"
+        if not torch.isfinite(fused_out).all():
+            return f"self-check failed in {name}: output not finite"
+        if _rel_err(fused_out, plain_out) > SELF_CHECK_16BIT_OUTPUT:
+            problem = _blockwise_check(model, images, generator)  # as above: amplified rounding, or a bug?
+            if problem is not None:
+                return f"self-check failed in {name}: output, relative error {_rel_err(fused_out, plain_out):.2g}; {problem}"
         for param_name, p in fused.named_parameters():
             if p.grad is None or not torch.isfinite(p.grad).all():
                 return f"self-check failed in {name}: gradient of {param_name} missing or not finite"
+    return None
+
+
+def _blockwise_check(model, images, generator):
+    """None if every block (conv + ReLU + norm, max-pool) computes with the Triton kernels what it
+    computes with PyTorch's modules, forward and backward, on the input the plain network gives
+    it; else which block differs. Unlike the end-to-end check, no rounding is amplified."""
+    plain = models.use_triton_kernels(copy.deepcopy(model), False).train()
+    calls = []
+    hooks = [module.register_forward_hook(lambda module, args, kwargs, out: calls.append((module, args, kwargs)),
+                                          with_kwargs=True)
+             for module in plain.modules() if isinstance(module, (models.ConvBlock, models.MaxPool2d))]
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            plain(images)
+        for hook in hooks:
+            hook.remove()
+        for index, (module, args, kwargs) in enumerate(calls):
+            results = []
+            for fused in (False, True):
+                block = copy.deepcopy(module).train()
+                block.fused = fused
+                x = args[0].detach().clone().requires_grad_()
+                out = block(x, **{key: value.detach() for key, value in kwargs.items()})
+                if not results:
+                    grad = torch.randn(out.shape, generator=generator, device=out.device)
+                out.backward(grad)
+                results.append([out.detach(), x.grad] + [p.grad for p in block.parameters()])
+            output_tol, grad_tol = SELF_CHECK_FP32
+            for k, (expected, got) in enumerate(zip(*results)):
+                if got is None or not torch.isfinite(got).all() or _rel_err(got, expected) > (output_tol if k == 0 else grad_tol):
+                    return f"block {index} ({type(module).__name__}) differs"
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     return None
 
 
