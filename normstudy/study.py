@@ -200,6 +200,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
     p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
                    help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: rewrite summary.json, results.md and the figures from the finished runs")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
     return p.parse_args(argv)
 
@@ -235,10 +237,13 @@ def main(argv=None):
         runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
                              log=None if args.quiet else _write_line)
         cli._writable_dir(out)
-        if not args.quiet:
-            print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
-        run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
-                 device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
+        if args.summary_only:
+            write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
+        else:
+            if not args.quiet:
+                print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
+            run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
+                     device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
         if not args.quiet:
             print((out / "results.md").read_text())
     except RunsFailed as err:
@@ -257,6 +262,12 @@ def main(argv=None):
         print(f"{prog}: error: {cli._one_line(err)}", file=sys.stderr)
         return cli.EXIT_BAD_INPUT
     return 0
+
+
+def _finished_records(configs, out):
+    """The records of the finished runs among ``configs`` in ``out``."""
+    records = (run_lib.read_record(Path(out) / config.run_id) for config in configs)
+    return [record for record in records if record is not None]
 
 
 def _write_line(line):

@@ -372,3 +372,18 @@ def test_module_entry_point_says_in_one_line_how_to_install_ray(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "python -m normstudy.study: error: the ray runner needs Ray, which is not installed: "
         "pip install -r requirements-ray.txt"]
+
+
+def test_summary_only_rewrites_the_summary_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    """``--summary-only``: the tables and figures of the finished runs, no training (how the
+    committed results' summaries are rebuilt after a grid ran in several parts)."""
+    argv = ["batch", "--smoke", "--norms", "bn", "--batch-sizes", "512", "--quiet", "--out", str(tmp_path)]
+    assert run_main(argv, capsys)[0] == 0
+    (tmp_path / "summary.json").unlink()
+    monkeypatch.setattr(run_lib, "run_one", lambda *a, **k: pytest.fail("trained"))
+    code, _, err = run_main(argv[:-3] + ["--batch-sizes", "256", "512", "--summary-only", "--quiet",
+                                         "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "1 of 2 runs finished" in (tmp_path / "results.md").read_text()
+    assert summary["kind"] == "batch"
