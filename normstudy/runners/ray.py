@@ -362,7 +362,7 @@ class _Pool:
         # One thread more than runs: a worker always answers the driver (snapshot on Ctrl-C).
         self.actor_class = ray.remote(_Worker).options(
             **self.options, max_concurrency=self.runs_per_worker + 1, max_restarts=0, scheduling_strategy="SPREAD")
-        self.worker_args = dict(device=self.device, threads=threads, runs_at_once=self.runs_per_worker)
+        self.worker_args = dict(device=self.device, threads=threads)
         self.ready_args = dict(configs=data, data_dir=call["data_dir"], download=call["download"])
         self.handles = []
         self.count = count
@@ -433,17 +433,17 @@ class _Pool:
 # --- the worker: one actor process -----------------------------------------------------------------
 
 class _Worker:
-    """A Ray actor that trains runs, ``runs_at_once`` at a time, each in its own thread (and CUDA
-    stream). Made with ``ray.remote(_Worker)`` by the driver; Ray is never imported here."""
+    """A Ray actor that trains several runs at once (the driver's ``max_concurrency``), each in its
+    own thread (and CUDA stream). Made with ``ray.remote(_Worker)`` by the driver; Ray is never
+    imported here."""
 
-    def __init__(self, *, device, threads=None, runs_at_once=1):
+    def __init__(self, *, device, threads=None):
         self.cache_dir, self._cache_lock_file = _claim_cache_dir()
         os.environ["TRITON_CACHE_DIR"] = str(self.cache_dir / "triton")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir / "inductor")
         import torch
         if threads:
             torch.set_num_threads(threads)
-        if runs_at_once > 1:
         self.device = device
         self.scratch = self.cache_dir / "runs"
         shutil.rmtree(self.scratch, ignore_errors=True)  # what a dead worker of this folder left
