@@ -23,7 +23,7 @@ import torch
 
 from .. import run as run_lib
 from .. import runtime as runtime_lib
-from . import RunsFailed, failure_line
+from .base import RunsFailed, failure_line
 
 
 class _Stopped(Exception):

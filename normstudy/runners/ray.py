@@ -51,7 +51,7 @@ from pathlib import Path
 
 from .. import run as run_lib
 from ..config import RunConfig
-from . import RunsFailed, failure_line, pack_run_folder, unpack_run_folder
+from .base import RunsFailed, failure_line, pack_run_folder, unpack_run_folder
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 CPUS_PER_WORKER = 2
