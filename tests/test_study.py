@@ -222,8 +222,9 @@ def test_run_folders_travel_whole_and_finish_last(tmp_path, monkeypatch):
     assert sorted(files) == ["checkpoint.pt", "config.json", "record.json", "weights.pt"]
     assert "checkpoint.pt" not in runners.pack_run_folder(source, checkpoint=False)
     written = []
-    real = runners.checkpoints.atomic_write
-    monkeypatch.setattr(runners.checkpoints, "atomic_write", lambda path, write: written.append(path.name) or real(path, write))
+    from normstudy import checkpoints
+    real = checkpoints.atomic_write
+    monkeypatch.setattr(checkpoints, "atomic_write", lambda path, write: written.append(path.name) or real(path, write))
     record = runners.unpack_run_folder(files, tmp_path / "b" / source.name)
     assert record == {"id": "bn-b512-e1-s0"} and written[-1] == "record.json" and len(written) == 4
     assert (tmp_path / "b" / source.name / "weights.pt").read_text() == "w"
