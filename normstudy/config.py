@@ -10,7 +10,8 @@ import re
 
 from . import recipe as recipe_lib
 
-NORMS = ("bn", "ln", "gn")
+NORMS = ("bn", "ln", "gn")  # in the order tables and figures list them
+CHANNELS = 32  # channels of every normalized layer: GroupNorm's group count must divide it
 NORM_NAMES = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
 DATASETS = ("cifar10", "synthetic")  # synthetic: small fake data in CIFAR-10's format, for smoke runs
 # Fields of the config that are recipe keys; every other recipe key is an override.
@@ -60,8 +61,8 @@ class RunConfig:
             object.__setattr__(self, field, value)
         if self.norm != "gn":
             object.__setattr__(self, "groups", 1 if self.norm == "ln" else None)
-        elif 32 % self.groups:
-            raise ValueError(f"GroupNorm groups={self.groups} must divide the 32 channels of each "
+        elif CHANNELS % self.groups:
+            raise ValueError(f"GroupNorm groups={self.groups} must divide the {CHANNELS} channels of each "
                              "normalized layer: 1, 2, 4, 8, 16 or 32")
         checked = {key: recipe_lib.check_setting(key, value) for key, value in overrides.items()}
         object.__setattr__(self, "overrides", tuple(sorted(

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from . import checkpoints
-from .config import RunConfig
+from .config import NORMS, RunConfig
 
 REQUIRED = ("config", "recipe", "device", "params", "final", "history")
 # What run._train writes and the summary reads: a record lacking any of them is skipped.
@@ -60,6 +60,8 @@ def load_records(out):
 
 
 def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -70,9 +72,8 @@ def summarize(records):
     for record in records:
         config = RunConfig.from_dict(record["config"])
         cells.setdefault(config.cell, []).append((config, record))
-    order = {"bn": 0, "ln": 1, "gn": 2}
     summary = {}
-    for cell, runs in sorted(cells.items(), key=lambda item: (order[item[1][0][0].norm], item[1][0][0].groups or 0,
+    for cell, runs in sorted(cells.items(), key=lambda item: (NORMS.index(item[1][0][0].norm), item[1][0][0].groups or 0,
                                                                item[1][0][0].batch_size, item[0])):
         runs.sort(key=lambda run: run[0].seed)
         config, first = runs[0]

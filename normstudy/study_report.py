@@ -17,18 +17,11 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import RunConfig
+from .config import CHANNELS, NORMS, RunConfig
+from .report import mean_std
 
 METRIC = "test_error_last3_mean"
 METRICS = ("test_acc", "test_acc_last3_mean", "test_error", "test_error_last3_mean")
-CHANNELS = 32  # channels of every normalized layer: GroupNorm's G divides it
-_NORM_ORDER = {"bn": 0, "ln": 1, "gn": 2}
-
-
-def mean_std(values):
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = list(values)
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def variant_name(norm, groups):
@@ -71,7 +64,7 @@ def summarize_cell(records):
 
 
 def _cell_order(cell):
-    return _NORM_ORDER[cell["norm"]], cell["groups"] or 0, cell["batch_size"], cell["cell"]
+    return NORMS.index(cell["norm"]), cell["groups"] or 0, cell["batch_size"], cell["cell"]
 
 
 def infer_kind(cells):
@@ -109,7 +102,7 @@ def _value(cell, metric):
 
 def _variants(cells):
     """(norm, groups) of the cells, in table order."""
-    return sorted({(c["norm"], c["groups"]) for c in cells}, key=lambda v: (_NORM_ORDER[v[0]], v[1] or 0))
+    return sorted({(c["norm"], c["groups"]) for c in cells}, key=lambda v: (NORMS.index(v[0]), v[1] or 0))
 
 
 def batch_table(summary, metric=METRIC):
