@@ -16,6 +16,17 @@ from normstudy import data  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def call_main(main, argv, capsys):
+    """A command's ``main(argv)`` in-process: returns (exit code, stdout, stderr), argparse's and
+    SIGTERM's SystemExit included."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(autouse=True)
 def no_download(monkeypatch):
     """Tests never touch the network: any attempt to download the dataset fails loudly."""

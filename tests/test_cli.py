@@ -12,18 +12,14 @@ from normstudy import data
 import train
 from normstudy import fit as fit_lib
 from normstudy.config import RunConfig
+from conftest import call_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(argv, capsys):
     """``train.main`` in-process: returns (exit code, stdout, stderr)."""
-    try:
-        code = train.main(argv)
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(train.main, argv, capsys)
 
 
 def smoke_dir(out, norm, **fields):

@@ -252,23 +252,34 @@ def raising_relu_norm(x, norm, residual=None):
     raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
-@pytest.mark.parametrize("fake, expected", [(wrong_relu_norm, "self-check failed in fp32: output"),
-                                            (raising_relu_norm, "self-check failed")])
-def test_kernels_that_fail_their_self_check_are_dropped(monkeypatch, capsys, fake, expected):
+def kernels_device():
+    """The device the real Triton kernels run on here (the GPU, else Triton's CPU interpreter);
+    skips the test where they cannot run at all."""
     pytest.importorskip("triton")
     from normstudy.fast import kernels
     if not kernels.INTERPRET and not torch.cuda.is_available():
         pytest.skip("no GPU and Triton's interpreter is off")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# fp32 steps with the Triton kernels: what compile_kernels checks in the tests below.
+FP32_KERNELS = {"amp": None, "cuda_graph": False, "triton_kernels": True, "channels_last": True,
+                "cudnn_benchmark": False, "compile": False}
+
+
+@pytest.mark.parametrize("fake, expected", [(wrong_relu_norm, "self-check failed in fp32: output"),
+                                            (raising_relu_norm, "self-check failed")])
+def test_kernels_that_fail_their_self_check_are_dropped(monkeypatch, capsys, fake, expected):
+    device = kernels_device()
+    from normstudy.fast import kernels
     monkeypatch.setattr(kernels, "relu_norm", fake)
     monkeypatch.setattr(kernels, "max_pool", lambda x, pool: F.max_pool2d(x, 2))  # fast in the interpreter
     torch.manual_seed(0)
     model = models.CifarNet("gn")
-    runtime = {"amp": None, "cuda_graph": False, "triton_kernels": True, "channels_last": True,
-               "cudnn_benchmark": False, "compile": False}
+    runtime = dict(FP32_KERNELS)
     fit_lib.prepare_model(model, device, runtime)
     weights = copy.deepcopy(model.state_dict())
-    used = fit_lib.compile_kernels(model, torch.device(device), runtime, image_shape=(3, 32, 32))
+    used = fit_lib.compile_kernels(model, device, runtime, image_shape=(3, 32, 32))
     assert used == {**runtime, "triton_kernels": False, "channels_last": False}
     assert not model.c1.fused and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     lines = said(capsys)
@@ -276,15 +287,10 @@ def test_kernels_that_fail_their_self_check_are_dropped(monkeypatch, capsys, fak
 
 
 def test_the_real_kernels_pass_their_self_check(capsys):
-    pytest.importorskip("triton")
-    from normstudy.fast import kernels
-    if not kernels.INTERPRET and not torch.cuda.is_available():
-        pytest.skip("no GPU and Triton's interpreter is off")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = kernels_device()
     torch.manual_seed(0)
     model = models.CifarNet("bn")
-    runtime = {"amp": None, "cuda_graph": False, "triton_kernels": True, "channels_last": True,
-               "cudnn_benchmark": False, "compile": False}
+    runtime = dict(FP32_KERNELS)
     fit_lib.prepare_model(model, device, runtime)
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
@@ -299,11 +305,7 @@ def test_the_self_check_does_not_blame_the_kernels_for_an_ill_conditioned_networ
     """InstanceNorm (GroupNorm with 32 groups of 1 channel) on 4x4 maps amplifies rounding layer
     after layer: end to end the fused and plain networks differed by 96-130 % on the H100, and the
     kernels were switched off for the whole grid. Block by block they agree, which is what counts."""
-    pytest.importorskip("triton")
-    from normstudy.fast import kernels
-    if not kernels.INTERPRET and not torch.cuda.is_available():
-        pytest.skip("no GPU and Triton's interpreter is off")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = kernels_device()
     torch.manual_seed(0)
     model = models.CifarNet("gn", groups=32).to(device, memory_format=torch.channels_last)
     example = torch.zeros(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)

@@ -29,6 +29,7 @@ from normstudy import fit as fit_lib
 from normstudy import recipe as recipe_lib
 from normstudy import run as run_lib
 from normstudy.config import RunConfig
+from conftest import call_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_BN = RunConfig("bn", epochs=1, data="synthetic")  # what `train.py --norm bn --smoke` runs
@@ -38,12 +39,7 @@ SMOKE_BN = RunConfig("bn", epochs=1, data="synthetic")  # what `train.py --norm 
 
 def cli_run(argv, capsys):
     """``train.main`` in-process: returns (exit code, stdout, stderr)."""
-    try:
-        code = train.main(argv)
-    except SystemExit as exit_:  # argparse, SIGTERM
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(train.main, argv, capsys)
 
 
 def one_line(err):

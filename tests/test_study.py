@@ -18,6 +18,7 @@ from normstudy import study
 from normstudy import study_report
 from normstudy.config import RunConfig
 from normstudy.runners.local import LocalRunner
+from conftest import call_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"seconds"}, {"epoch_seconds"}, {"seconds_per_epoch"}  # record, history, final
@@ -328,12 +329,8 @@ def test_figures_have_a_line_per_variant_on_log2_axes():
 # --- the command line ---------------------------------------------------------------------------
 
 def run_main(argv, capsys):
-    try:
-        code = study.main(argv)
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    """``study.main`` in-process: returns (exit code, stdout, stderr)."""
+    return call_main(study.main, argv, capsys)
 
 
 def test_command_runs_a_smoke_grid(tmp_path, tiny_data, capsys):
