@@ -315,19 +315,23 @@ def check_finite_state(model, epoch):
 
 
 def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, runtime=None, checkpoint_path=None,
-        resume=False, progress=True, log=print):
+        resume=False, progress=True, log=print, on_prepared=None):
     """Train ``model`` for ``recipe["epochs"]`` epochs, testing after each; return the history.
 
     ``model`` is trained as given: build it with :func:`models.fresh_model` (seeded, whitening
     initialization) or load weights into it first. ``norm`` names the variant (stored in the
     checkpoint, so a resume cannot mix variants). ``runtime``: see :func:`resolve_runtime`.
     With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
-    continues from it. ``log`` receives one line per epoch.
+    continues from it. ``log`` receives one line per epoch. ``on_prepared(training)`` is called once
+    the run is set up (:class:`Training`; its ``runtime`` is the one used, which is ``runtime`` less
+    the Triton kernels where they failed to compile or their self-check).
     """
     from .fast.graph_epoch import DEVICE_LOCK  # CUDA work of concurrent runs vs graph recording
     recipe = recipe or recipe_lib.recipe_for(norm)
     with DEVICE_LOCK.alone():  # compiling and checking kernels, seeding: nothing else on the GPU meanwhile
         training = prepare(model, dataset, recipe=recipe, device=device, seed=seed, runtime=runtime, norm=norm)
+        if on_prepared is not None:
+            on_prepared(training)
         identity = run_identity(norm=norm, seed=seed, recipe=recipe, dataset=dataset)
         history = new_history()
         if resume:

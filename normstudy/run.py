@@ -154,12 +154,13 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
     recipe = config.recipe
     with DEVICE_LOCK.work():  # seeding touches the CUDA generator: never during another run's recording
         model = models.fresh_model(config.norm, recipe, train_images=dataset["train_images"], seed=config.seed)
-    runtime = fit_lib.resolve_runtime(device, config.norm, runtime)
+    # The runtime the run had (fit may switch the Triton kernels off): this run's, even while
+    # runs in other threads switch them off for the process.
+    used = {}
     history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, device=device, seed=config.seed,
                           runtime=runtime, checkpoint_path=checkpoint, resume=resume and checkpoint.exists(),
-                          progress=progress, log=log)
-    # The runtime the run had: the Triton kernels may have failed their compile or self-check.
-    runtime = fit_lib.resolve_runtime(device, config.norm, runtime)
+                          progress=progress, log=log, on_prepared=lambda training: used.update(training.runtime))
+    runtime = used
     with DEVICE_LOCK.work():  # evaluation and figures run on the GPU too (see fast.graph_epoch)
         test_loader = data_lib.test_loader(dataset, device=device)
         tta = loop.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]

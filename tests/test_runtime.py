@@ -310,3 +310,23 @@ def test_the_self_check_does_not_blame_the_kernels_for_an_ill_conditioned_networ
     model = models.CifarNet("gn", groups=32).to(device, memory_format=torch.channels_last)
     example = torch.zeros(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     assert fit_lib.kernels_self_check(model, example) is None
+
+
+def test_a_run_records_the_runtime_it_trained_with(tmp_path, monkeypatch):
+    """The record's runtime is the one fit set up (kernels switched off by their self-check show
+    there), not one resolved again afterwards: by then a run in another thread may have switched
+    the kernels off for the whole process, though this run trained with them."""
+    from normstudy import run as run_lib
+    from normstudy.config import RunConfig
+    real_prepare = fit_lib.prepare
+
+    def prepare(*args, **kwargs):  # a set-up that changed its runtime, as compile_kernels may
+        training = real_prepare(*args, **kwargs)
+        training.runtime = {**training.runtime, "cudnn_benchmark": True}
+        return training
+
+    monkeypatch.setattr(fit_lib, "prepare", prepare)
+    config = RunConfig("bn", epochs=1, batch_size=256, data="synthetic")
+    record = run_lib.run_one(config, tmp_path, device="cpu", figures=False, progress=False, log=lambda line: None)
+    assert record["runtime"]["cudnn_benchmark"] is True
+    assert fit_lib.resolve_runtime("cpu", "bn")["cudnn_benchmark"] is False
