@@ -93,3 +93,25 @@ def test_smoke_execution_script_writes_copies_and_leaves_the_notebooks_alone(tmp
     assert (source / NOTEBOOKS["bn"]).read_bytes() == before
     assert written == [tmp_path / "smoke" / NOTEBOOKS["bn"]]
     assert "Total params: 48,736" in written[0].read_text()
+
+
+def test_regenerating_keeps_the_outputs_of_every_cell_the_template_did_not_change(tmp_path):
+    # Bug: make_notebooks.py rewrote every notebook without outputs, so the README's command threw
+    # away the committed outputs (and dirtied git) even when no cell had changed.
+    template = _template()
+    committed = (ROOT / NOTEBOOKS["bn"]).read_text(encoding="utf-8")
+    path = tmp_path / NOTEBOOKS["bn"]
+    path.write_text(committed, encoding="utf-8")
+    template.main(["bn"], root=tmp_path)
+    assert path.read_text(encoding="utf-8") == committed
+
+    nb = nbformat.reads(committed, as_version=4)
+    edited = next(k for k, cell in enumerate(nb.cells) if cell.cell_type == "code" and cell.get("outputs"))
+    nb.cells[edited].source += "\n# an edit the template does not have"
+    nbformat.write(nb, path)
+    template.main(["bn"], root=tmp_path)
+    again = nbformat.read(path, as_version=4)
+    assert [c.source for c in again.cells] == [c.source for c in template.notebook("bn").cells]
+    assert again.cells[edited].outputs == [] and again.cells[edited].id == nb.cells[edited].id
+    kept = [k for k, cell in enumerate(nb.cells) if k != edited and cell.cell_type == "code" and cell.outputs]
+    assert kept and all(again.cells[k].outputs == nb.cells[k].outputs for k in kept)
