@@ -1,6 +1,6 @@
 # make run   - set up .venv from the requirements (exact versions: requirements-lock.txt) and train all three variants (seeds 0 1 2)
 # make test  - set up .venv with the test and Ray requirements and run the whole test suite
-# make smoke - a seconds-long run of the CLI on synthetic data
+# make smoke - a short run of the CLI on synthetic data (under a minute on a CPU), into runs/smoke/
 # make notebooks-smoke - the three notebooks in smoke mode (one epoch, synthetic data); copies go to runs/notebooks-smoke/
 # make lock  - regenerate requirements-lock.txt from a fresh venv (downloads packages, no data)
 PYTHON ?= python3
@@ -27,7 +27,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 smoke: $(VENV)/.installed
-	$(PY) train.py --norm all --smoke --out /tmp/norm-study-smoke
+	$(PY) train.py --norm all --smoke --out runs/smoke
 
 notebooks: $(VENV)/.installed
 	$(PY) scripts/run_notebooks.py $(NOTEBOOKS)

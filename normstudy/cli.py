@@ -93,13 +93,14 @@ def parse_args(argv=None):
                    help="evaluate on N held-out training images instead of the test set (recipe search)")
     p.add_argument("--out", help="folder that receives one folder per run and the summary "
                                  "(default: runs, or runs/smoke with --smoke)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
     p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
                    help="how a run executes (default: fast; the runtimes are listed below)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     p.add_argument("--restart", action="store_true", help="start interrupted runs over, discarding their checkpoints")
     p.add_argument("--smoke", "--dry-run", action="store_true",
-                   help="a seconds-long run on small synthetic data (accuracy at chance level is expected)")
+                   help="one epoch on small synthetic data, to check the machinery in under a minute (its accuracy says nothing about CIFAR-10)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -121,6 +122,18 @@ def _terminate(signum, frame):
     raise SystemExit(EXIT_TERMINATED)  # unwinds like Ctrl-C: temporary files removed, checkpoint kept
 
 
+def _finished_already(config, out, record, *, runtime=None):
+    """The line for a run that is not trained again. The runtime is not part of a run's id (it
+    changes the speed, not the experiment), so ``--runtime`` into a folder that holds the run
+    trains nothing: say how the run was trained, and how to get one with the asked runtime."""
+    line = f"{config.run_id}: finished already in {out / config.run_id}, not trained again"
+    if runtime is not None:
+        used = ", ".join(key if value is True else f"{key}={value}" for key, value in record["runtime"].items()
+                         if value) or "PyTorch's modules, fp32"
+        line += f" (it was trained with: {used}; for a run with --runtime {runtime}, give another --out)"
+    return line
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out or ("runs/smoke" if args.smoke else "runs"))
@@ -137,8 +150,9 @@ def main(argv=None):
         print(f"device: {runtime_lib.device_name(device)}", flush=True)
         dataset = config = None
         for config in configs:
-            if run_lib.read_record(out / config.run_id) is not None:
-                print(f"{config.run_id}: finished already in {out / config.run_id}, not trained again", flush=True)
+            record = run_lib.read_record(out / config.run_id)
+            if record is not None:
+                print(_finished_already(config, out, record, runtime=args.runtime), flush=True)
                 continue
             dataset = dataset or run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
             run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime, resume=args.resume,

@@ -3,7 +3,7 @@ its number of groups (after Wu & He, *Group Normalization*, 2018, Tables 2 and 3
 
     python -m normstudy.study batch                 # BN, LN, GN x batch 2..512 x seeds 0 1 2: 81 runs
     python -m normstudy.study groups                # GN with G = 1..32 and BN, at batch 512 and 16: 42 runs
-    python -m normstudy.study batch --smoke         # seconds: synthetic data, 1 epoch, seed 0, batch 256 and 512
+    python -m normstudy.study batch --smoke         # a minute on a CPU: synthetic data, 1 epoch, seed 0, batch 256 and 512
     python -m normstudy.study batch --out results/batch-size --concurrency 4
 
 A grid is a list of :class:`RunConfig` (:func:`batch_grid`, :func:`groups_grid`);
@@ -192,12 +192,14 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ (default: ./data)")
     p.add_argument("--no-download", action="store_true", help="never download the dataset")
     p.add_argument("--smoke", action="store_true",
-                   help="small synthetic data, 1 epoch, seed 0, batch 256 and 512: seconds a run, accuracy near chance")
+                   help="small synthetic data, 1 epoch, seed 0, batch 256 and 512: seconds a run; checks the machinery, its accuracy means nothing")
     p.add_argument("--runner", choices=RUNNERS, default="local", help="local (this process; default) or ray")
-    p.add_argument("--concurrency", type=cli._positive_int, default=1,
-                   help="runs at once (local runner: threads of this process, a CUDA stream each; default 1)")
+    p.add_argument("--concurrency", type=cli._positive_int,
+                   help="runs at once: with the local runner, threads of this process, a CUDA stream each "
+                        "(default 1); with Ray, per worker (default 2 on a GPU, 1 on CPUs)")
     p.add_argument("--address", help="--runner ray: the Ray cluster's address (default: start a local one)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
     p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
                    help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
     p.add_argument("--summary-only", action="store_true",

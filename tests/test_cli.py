@@ -80,6 +80,15 @@ def test_a_finished_run_is_not_trained_again(tmp_path, capsys):
     assert (smoke_dir(tmp_path, "bn") / "record.json").read_text() == before
 
 
+def test_another_runtime_into_a_finished_run_says_it_trains_nothing_and_what_to_do(tmp_path, capsys):
+    # Bug: the README's `--runtime eager` example, run after `make run`, printed only "finished
+    # already" (the runtime is not part of the run id): the user could believe eager had run.
+    assert run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)[0] == 0
+    code, out, _ = run(["--norm", "bn", "--smoke", "--quiet", "--runtime", "eager", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "finished already" in out and "for a run with --runtime eager, give another --out" in out
+
+
 def test_real_process_prints_one_line_not_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--norm", "gn", "--groups", "3",
                            "--out", str(tmp_path)], capture_output=True, text=True)

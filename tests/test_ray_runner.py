@@ -148,3 +148,10 @@ def test_without_ray_the_runner_says_how_to_install_it_in_one_line(monkeypatch):
             make()
         assert str(err.value) == "the ray runner needs Ray, which is not installed: pip install -r requirements-ray.txt"
     assert issubclass(module.RayUnavailableError, ValueError)  # the CLIs print it in one line, exit 2
+
+
+def test_concurrency_one_means_one_run_per_worker():
+    # Bug: make_runner passed --concurrency 1 on as "the default", which is 2 runs per GPU worker.
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
+    assert normstudy.runners.make_runner("ray", concurrency=1).runs_per_worker == 1
+    assert normstudy.runners.make_runner("ray").runs_per_worker is None  # the worker's default: 2 on a GPU

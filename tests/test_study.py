@@ -204,6 +204,7 @@ def test_stopping_threaded_runs_keeps_their_checkpoints(tmp_path, tiny_data):
 
 def test_make_runner_names_and_refusals(monkeypatch):
     assert isinstance(runners.make_runner("local", concurrency=3), LocalRunner)
+    assert runners.make_runner("local").concurrency == 1
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ValueError, match=r"needs Ray, which is not installed: pip install -r requirements-ray.txt$"):
         runners.make_runner("ray", address="auto")
