@@ -125,19 +125,28 @@ def run_one(config, out, *, dataset=None, data_dir="./data", download=True, devi
     share it. ``runtime``: a preset name or overrides (see :func:`fit.resolve_runtime`).
     """
     run_dir = Path(out) / config.run_id
-    record = read_record(run_dir)
+    record = _finished_record(run_dir, config)
     if record is not None:
-        if RunConfig.from_dict(record["config"]) != config:
-            raise RunFolderError(f"{run_dir} holds another configuration; use another --out")
         return record
     run_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(run_dir):  # every file of the folder is written holding its lock
+        record = _finished_record(run_dir, config)  # again: another process may have finished it meanwhile
+        if record is not None:
+            return record
         claim_folder(run_dir, config)
         stale = checkpoints.remove_stale_temporaries(run_dir)
         if stale:
             log(f"{config.run_id}: removed {len(stale)} temporary file(s) of a killed run: {', '.join(stale)}")
         return _train(config, run_dir, dataset=dataset, data_dir=data_dir, download=download, device=device,
                       runtime=runtime, resume=resume, restart=restart, figures=figures, progress=progress, log=log)
+
+
+def _finished_record(run_dir, config):
+    """The record of ``config`` finished in ``run_dir``, or ``None``; another configuration's is refused."""
+    record = read_record(run_dir)
+    if record is not None and RunConfig.from_dict(record["config"]) != config:
+        raise RunFolderError(f"{run_dir} holds another configuration; use another --out")
+    return record
 
 
 def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, resume, restart, figures,

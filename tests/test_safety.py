@@ -4,6 +4,7 @@ traceback. One test per item of the issue; each docstring quotes its item.
 Quick on 2 CPU cores: tiny synthetic data (64 training images, one epoch), monkeypatched training
 where the training itself is not the point, and two real subprocesses (SIGTERM, a busy folder).
 """
+import contextlib
 import errno
 import importlib.util
 import json
@@ -288,6 +289,24 @@ def test_a_second_run_into_a_busy_folder_names_the_holder(tmp_path):
     assert done.returncode == 2
     assert one_line(done.stderr) == (f"train.py: error: {run_dir} is in use by process {os.getpid()}; "
                                      "wait for it or use another --out")
+
+
+def test_a_run_finished_while_its_lock_was_taken_is_not_trained_again(tmp_path, monkeypatch):
+    """Two processes, one folder: a run that the other process finished between run_one's first look
+    for its record and its taking the folder's lock is returned as it is, not trained again (with
+    --restart: not started over, its finished folder kept)."""
+    real_lock = run_lib.folder_lock
+
+    @contextlib.contextmanager
+    def lock_once_the_other_finished(run_dir):
+        write_record(run_dir.parent, SMOKE_BN)  # the other process wrote the record and let go of the lock
+        with real_lock(run_dir):
+            yield
+    monkeypatch.setattr(run_lib, "folder_lock", lock_once_the_other_finished)
+    monkeypatch.setattr(run_lib, "_train", lambda *args, **kwargs: pytest.fail("trained again"))
+    for kwargs in ({}, {"resume": True}, {"restart": True}):
+        shutil.rmtree(tmp_path / SMOKE_BN.run_id, ignore_errors=True)
+        assert run_lib.run_one(SMOKE_BN, tmp_path, **kwargs) == fake_record(SMOKE_BN)
 
 
 def test_resume_on_other_data_is_refused(tiny, tiny_checkpoint, tmp_path):
