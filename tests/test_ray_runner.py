@@ -110,6 +110,29 @@ def test_a_lost_worker_loses_no_run_and_counts_none_twice(ray_cluster, reference
     assert [(s["norm"], s["seeds"]) for s in summary.values()] == [("bn", [0]), ("ln", [2]), ("gn", [1])]
 
 
+def test_a_run_whose_files_are_coming_back_when_stopped_is_still_delivered(ray_cluster, references, tmp_path,
+                                                                            monkeypatch):
+    # Ctrl-C while a finished run's files are written into out: the run is delivered whole while
+    # stopping, not lost with its worker's scratch folder (and trained again next time).
+    config = GRID[0]
+    real, interrupted = ray_runner.unpack_run_folder, []
+
+    def ctrl_c_midway(files, run_dir):
+        if not interrupted:
+            interrupted.append(run_dir.name)
+            real({"checkpoint.pt": files["checkpoint.pt"]}, run_dir)  # one file written, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(files, run_dir)
+    monkeypatch.setattr(ray_runner, "unpack_run_folder", ctrl_c_midway)
+    seen = []
+    runner = ray_runner.RayRunner(workers=1, runs_per_worker=1, log=lambda line: None)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run([config], out=tmp_path, device="cpu", on_record=seen.append)
+    assert interrupted == [config.run_id]
+    assert [comparable(r) for r in seen] == [comparable(references[config.run_id][0])]
+    assert comparable(run_lib.read_record(tmp_path / config.run_id)) == comparable(references[config.run_id][0])
+
+
 def test_a_missing_dataset_is_raised_before_any_run_and_a_failed_run_is_named(ray_cluster, tmp_path):
     runner = ray_runner.RayRunner(log=lambda line: None)
     config = RunConfig(norm="bn", epochs=1)  # CIFAR-10, which the workers will not find

@@ -225,14 +225,18 @@ class RayRunner:
                 if ref not in in_flight:
                     pool.started(ref)
                     continue
-                worker, config, attempt = in_flight.pop(ref)
+                # A finished run stays in flight until its files are written: stopping meanwhile
+                # (Ctrl-C while they come back) delivers it rather than losing it.
+                worker, config, attempt = in_flight[ref]
                 worker.running -= 1
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:  # the run itself failed: the others go on
+                    del in_flight[ref]
                     failures[config.run_id] = failure_line(_cause(err))
                     continue
                 except ray.exceptions.RayError as err:  # the worker (or its node) is lost: run it again elsewhere
+                    del in_flight[ref]
                     pool.lost(worker, err)
                     pool.check_ready()  # its node's other workers may be gone too: no run goes to them
                     if attempt >= self.max_attempts:
@@ -243,11 +247,13 @@ class RayRunner:
                     queue.appendleft((config, attempt + 1))
                     continue
                 if config.run_id in finished:  # never written or reported twice
+                    del in_flight[ref]
                     continue
                 pool.succeeded()
                 dispatch()  # the worker's next run starts while this one is written and reported
                 record = _write_run(out / config.run_id, result["files"])
                 finished.add(config.run_id)
+                del in_flight[ref]
                 on_record(record)
         except BaseException:
             self._stop(ray, in_flight, out=out, finished=finished, on_record=on_record)
