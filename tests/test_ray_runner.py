@@ -133,6 +133,16 @@ def test_a_run_whose_files_are_coming_back_when_stopped_is_still_delivered(ray_c
     assert comparable(run_lib.read_record(tmp_path / config.run_id)) == comparable(references[config.run_id][0])
 
 
+def test_writing_a_run_that_came_back_removes_a_killed_drivers_temporary_files(tmp_path):
+    # A driver killed (SIGKILL) while it wrote a run's files leaves `.NAME.*.tmp` behind; the folder
+    # never goes through run_one here (its runs train on the workers), so the next write removes them.
+    run_dir = tmp_path / GRID[0].run_id
+    run_dir.mkdir()
+    (run_dir / ".weights.pt.0a1b2c3d.tmp").write_bytes(b"half of the weights")
+    record = ray_runner._write_run(run_dir, {"config.json": b"{}", "record.json": b'{"id": "x"}'})
+    assert record == {"id": "x"} and sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "record.json"]
+
+
 def test_a_missing_dataset_is_raised_before_any_run_and_a_failed_run_is_named(ray_cluster, tmp_path):
     runner = ray_runner.RayRunner(log=lambda line: None)
     config = RunConfig(norm="bn", epochs=1)  # CIFAR-10, which the workers will not find

@@ -49,6 +49,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .. import checkpoints
 from .. import run as run_lib
 from ..config import RunConfig
 from .base import RunsFailed, failure_line, pack_run_folder, unpack_run_folder
@@ -290,9 +291,11 @@ class RayRunner:
 
 def _write_run(run_dir, files):
     """Write a run folder's files (as ``pack_run_folder`` gives them) into ``run_dir`` under its
-    lock, ``record.json`` last; returns the record, if any."""
+    lock, ``record.json`` last; returns the record, if any. The temporary files a driver killed
+    while writing left there go (as run_one removes them: these folders never go through it here)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lib.folder_lock(run_dir):
+        checkpoints.remove_stale_temporaries(run_dir)
         return unpack_run_folder(files, run_dir)
 
 
