@@ -95,7 +95,7 @@ def parse_args(argv=None):
                                  "(default: runs, or runs/smoke with --smoke)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
-    p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
+    p.add_argument("--runtime", choices=runtime_lib.PRESETS,  # None: fast, and not asked for
                    help="how a run executes (default: fast; the runtimes are listed below)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     p.add_argument("--restart", action="store_true", help="start interrupted runs over, discarding their checkpoints")
@@ -128,8 +128,8 @@ def _finished_already(config, out, record, *, runtime=None):
     trains nothing: say how the run was trained, and how to get one with the asked runtime."""
     line = f"{config.run_id}: finished already in {out / config.run_id}, not trained again"
     if runtime is not None:
-        used = ", ".join(key if value is True else f"{key}={value}" for key, value in record["runtime"].items()
-                         if value) or "PyTorch's modules, fp32"
+        used = ", ".join(key if value is True else f"{key}={value}"
+                         for key, value in (record.get("runtime") or {}).items() if value) or "PyTorch's modules, fp32"
         line += f" (it was trained with: {used}; for a run with --runtime {runtime}, give another --out)"
     return line
 
