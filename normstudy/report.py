@@ -10,39 +10,7 @@ from pathlib import Path
 
 from . import checkpoints
 from .config import NORMS, RunConfig
-
-REQUIRED = ("config", "recipe", "device", "params", "final", "history")
-# What run._train writes and the summary reads: a record lacking any of them is skipped.
-FINAL = ("test_acc", "test_acc_last3_mean", "test_acc_last3_min", "test_acc_best", "train_acc", "train_loss",
-         "seconds_per_epoch", "test_acc_tta_flip")
-HISTORY = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_record(record):
-    """Raise ``ValueError`` (or ``TypeError``/``AttributeError`` for wrong types) saying what a
-    summary could not use in ``record``: a missing key, a figure that is not a number, a history
-    that does not cover every epoch of its configuration."""
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    missing = [key for key in REQUIRED if key not in record]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
-    config = RunConfig.from_dict(record["config"])
-    if not isinstance(record["device"], str) or not _is_number(record["params"]):
-        raise ValueError("device or params of the wrong type")
-    bad = [key for key in FINAL if not _is_number(record["final"].get(key))]
-    if bad:
-        raise ValueError(f"final figures missing or not numbers: {', '.join(bad)}")
-    history = record["history"]
-    bad = [key for key in HISTORY if not isinstance(history.get(key), list) or len(history[key]) != config.epochs
-           or not all(map(_is_number, history[key]))]
-    if bad:
-        raise ValueError(f"history incomplete ({', '.join(bad)}: expected {config.epochs} numbers each)")
-
+from .run import check_record
 
 def load_records(out):
     """Every finished run directly under ``out`` (``out/<run id>/record.json``), in id order, and a
@@ -52,7 +20,7 @@ def load_records(out):
         try:
             record = json.loads(path.read_text())
             check_record(record)
-        except (OSError, ValueError, TypeError, AttributeError) as err:
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
             skipped.append(f"{path}: {err}")
             continue
         records.append(record)

@@ -51,15 +51,51 @@ def load_data(config, *, data_dir="./data", download=True):
     return data_lib.holdout_split(dataset, config.holdout) if config.holdout else dataset
 
 
+REQUIRED = ("config", "recipe", "device", "params", "final", "history")
+# What _train writes and the summaries read: a record lacking any of them is broken.
+FINAL = ("test_acc", "test_acc_last3_mean", "test_acc_last3_min", "test_acc_best", "train_acc", "train_loss",
+         "seconds_per_epoch", "test_acc_tta_flip")
+HISTORY = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_record(record):
+    """Raise ``ValueError`` (or ``TypeError``/``AttributeError``/``KeyError`` for wrong types) saying what a
+    summary could not use in ``record``: a missing key, a figure that is not a number, a history
+    that does not cover every epoch of its configuration."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    missing = [key for key in REQUIRED if key not in record]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    config = RunConfig.from_dict(record["config"])
+    if not isinstance(record["device"], str) or not _is_number(record["params"]):
+        raise ValueError("device or params of the wrong type")
+    bad = [key for key in FINAL if not _is_number(record["final"].get(key))]
+    if bad:
+        raise ValueError(f"final figures missing or not numbers: {', '.join(bad)}")
+    history = record["history"]
+    bad = [key for key in HISTORY if not isinstance(history.get(key), list) or len(history[key]) != config.epochs
+           or not all(map(_is_number, history[key]))]
+    if bad:
+        raise ValueError(f"history incomplete ({', '.join(bad)}: expected {config.epochs} numbers each)")
+
+
 def read_record(run_dir):
-    """The finished record in ``run_dir``, or ``None`` if the run has not finished there."""
+    """The finished record in ``run_dir``, or ``None`` if the run has not finished there;
+    :class:`RunFolderError` (one line) if the record cannot be read or lacks what a record has."""
     path = Path(run_dir) / "record.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        record = json.loads(path.read_text())
+        check_record(record)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
         raise RunFolderError(f"{path}: unreadable record ({err}); move the folder away to rerun") from None
+    return record
 
 
 def summary_figures(history):

@@ -386,3 +386,20 @@ def test_summary_only_rewrites_the_summary_and_trains_nothing(tmp_path, capsys, 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "1 of 2 runs finished" in (tmp_path / "results.md").read_text()
     assert summary["kind"] == "batch"
+
+
+@pytest.mark.parametrize("summary_only", [False, True])
+def test_a_broken_record_in_the_grid_is_one_line_naming_it(tmp_path, capsys, monkeypatch, summary_only):
+    # Bug: a record.json that is JSON but lacks what a record has (here: its figures and history)
+    # ended the study command, and --summary-only, with a KeyError traceback.
+    folder = tmp_path / "bn-b512-e1-s0-synthetic"
+    folder.mkdir()
+    (folder / "record.json").write_text(json.dumps({"config": RunConfig(
+        norm="bn", data="synthetic", epochs=1, seed=0).to_dict()}))
+    monkeypatch.setattr(run_lib, "run_one", lambda *a, **k: pytest.fail("trained"))
+    code, _, err = run_main(["batch", "--smoke", "--norms", "bn", "--batch-sizes", "512", "--quiet",
+                             "--out", str(tmp_path)] + (["--summary-only"] if summary_only else []), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"python -m normstudy.study: error: {folder / 'record.json'}: unreadable record (missing recipe, device, "
+        "params, final, history); move the folder away to rerun"]
