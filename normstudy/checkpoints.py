@@ -52,6 +52,7 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     except BaseException as err:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):  # already renamed when interrupted after os.replace
@@ -59,6 +60,18 @@ def atomic_write(path, write):
         if isinstance(err, OSError):
             raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
         raise
+
+
+def _sync_folder(folder):
+    """Flush ``folder``'s entries to disk: the rename itself lives in the folder, so without this a
+    power loss can undo it (the file's contents were synced before). Where folders cannot be opened
+    for syncing (Windows), the rename is left to the file system."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_stale_temporaries(folder):

@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -387,6 +388,21 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tmp_path, cap
     code, _, err = cli_run(["--norm", "bn", "--smoke", "--quiet", "--out", str(tmp_path)], capsys)
     assert code == 2 and one_line(err) == f"train.py: error: could not write {path}: No space left on device"
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    # Bug: the rename was never synced (only the file's contents were), so a power loss right after
+    # a checkpoint could bring back the previous one.
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    checkpoints.write_json(tmp_path / "summary.json", {"a": 1})
+    assert synced == ["file", "folder"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 1}
 
 
 def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path, monkeypatch):
