@@ -188,3 +188,20 @@ def test_concurrency_one_means_one_run_per_worker():
     pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
     assert normstudy.runners.make_runner("ray", concurrency=1).runs_per_worker == 1
     assert normstudy.runners.make_runner("ray").runs_per_worker is None  # the worker's default: 2 on a GPU
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once():
+    # Bug: --address HOST:PORT with no cluster there hung for minutes inside Ray's retries,
+    # printing Ray's warnings, before any message of ours.
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
+    import socket
+    import time
+    with socket.socket() as probe:  # a port that was free a moment ago, now closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ray_runner.RayUnavailableError, match=rf"^ray: no Ray cluster answers at 127.0.0.1:{port} "):
+        ray_runner._check_answers(f"127.0.0.1:{port}")  # what init_ray asks first (Ray may be up here)
+    assert time.monotonic() - start < 10
+    for address in (None, "auto", "ray://head:10001"):  # Ray's to resolve
+        ray_runner._check_answers(address)

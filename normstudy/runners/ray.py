@@ -91,6 +91,7 @@ def init_ray(address=None, **kwargs):
     ray = import_ray()
     if ray.is_initialized():
         return False
+    _check_answers(address)
     runtime_env = kwargs.pop("runtime_env", None) or {}
     runtime_env = {**runtime_env, "py_modules": [*runtime_env.get("py_modules", []), str(PACKAGE_DIR)],
                    "excludes": [*runtime_env.get("excludes", []), "__pycache__", "*.pyc"]}
@@ -103,6 +104,20 @@ def init_ray(address=None, **kwargs):
         raise RayUnavailableError(f"ray: no Ray cluster at address {address!r} ({_one_line(err)}); start one with "
                                   "`ray start --head`, or leave out --address for a Ray on this machine only") from None
     return True
+
+
+def _check_answers(address, timeout=5):
+    """Raise :class:`RayUnavailableError` at once if nothing listens at a ``HOST:PORT`` address: Ray
+    itself retries such an address for minutes, printing warnings, before it gives up."""
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:  # None, "auto", ray://...: Ray's to resolve
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise RayUnavailableError(f"ray: no Ray cluster answers at {address} ({err.strerror or err}); start one "
+                                  "with `ray start --head`, or leave out --address for a Ray on this machine only"
+                                  ) from None
 
 
 class RayRunner:
