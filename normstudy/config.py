@@ -90,7 +90,8 @@ class RunConfig:
     def _name(self, *, seed):
         parts = [self.norm] + ([f"g{self.groups}"] if self.norm == "gn" else [])
         parts += [f"b{self.batch_size}", f"e{self.epochs}"] + ([f"s{self.seed}"] if seed else [])
-        parts += [f"{key}{_id_value(value)}" for key, value in self.overrides]
+        # cutout8, flipoff; lr_per_32_0.02 (a key ending in a digit is kept apart from its value)
+        parts += [f"{key}{'_' if key[-1].isdigit() else ''}{_id_value(value)}" for key, value in self.overrides]
         if self.data != "cifar10":
             parts.append(self.data)
         if self.holdout:
@@ -129,4 +130,7 @@ class RunConfig:
 def _id_value(value):
     if isinstance(value, bool):
         return "on" if value else "off"
-    return re.sub(r"[^A-Za-z0-9.]", "_", f"{value:g}" if isinstance(value, float) else str(value))
+    text = str(value)
+    if isinstance(value, float):  # short (0.02, 1e-05), but exact: 6 digits would give two values one folder
+        text = f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    return re.sub(r"[^A-Za-z0-9.]", "_", text)

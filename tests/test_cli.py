@@ -174,7 +174,7 @@ def test_divergence_exits_non_zero_naming_what_diverged(tmp_path, capsys):
     # The loss stays finite here while BatchNorm's running variance overflows: caught all the same.
     code, _, err = run(["--norm", "bn", "--smoke", "--quiet", "--set", "lr_per_32=1e6", "--out", str(tmp_path)], capsys)
     assert_one_line_error(code, err, 3, r"diverged: \S+running_var is NaN or infinite after epoch 1.*"
-                          r"no checkpoint was written for bn-b512-e1-s0-lr_per_321e_06-synthetic")
+                          r"no checkpoint was written for bn-b512-e1-s0-lr_per_32_1e_06-synthetic")
 
 
 def test_ctrl_c_exits_with_one_line(tmp_path, capsys, monkeypatch):

@@ -44,6 +44,14 @@ def test_two_different_configurations_never_share_a_folder():
     assert len({config.run_id for config in configs}) == len(configs) > 300
 
 
+def test_overrides_that_differ_past_six_digits_get_their_own_folders():
+    # Bug: float overrides were written with 6 significant digits, so lr_per_32 = 0.0200001 and
+    # 0.0200002 shared a folder (the second run was refused; a grid counted the first twice).
+    ids = [RunConfig("bn", overrides=(("lr_per_32", value),)).run_id for value in (0.0200001, 0.0200002, 0.02)]
+    assert ids == ["bn-b512-e20-s0-lr_per_32_0.0200001", "bn-b512-e20-s0-lr_per_32_0.0200002",
+                   "bn-b512-e20-s0-lr_per_32_0.02"]  # the key's last digit kept apart from the value
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(norm="xn"), "unknown norm 'xn'"),
     (dict(norm="bn", groups=4), "groups=4 applies to GroupNorm only"),
