@@ -1,5 +1,6 @@
 # make run   - set up .venv from the requirements (exact versions: requirements-lock.txt) and train all three variants (seeds 0 1 2)
 # make test  - set up .venv with the test and Ray requirements and run the whole test suite
+# make test-lower - the same at the lowest versions requirements.txt admits (Colab's torch 2.11), in .venv-lower
 # make smoke - a short run of the CLI on synthetic data (under a minute on a CPU), into runs/smoke/
 # make notebooks-smoke - the three notebooks in smoke mode (one epoch, synthetic data); copies go to runs/notebooks-smoke/
 # make lock  - regenerate requirements-lock.txt from a fresh venv (downloads packages, no data)
@@ -9,10 +10,12 @@ PY := $(VENV)/bin/python
 ARGS ?= --norm all --seed 0 1 2 --epochs 20 --data-dir ./data
 LOCK := requirements-lock.txt
 REQUIREMENTS := requirements.txt requirements-dev.txt requirements-ray.txt $(LOCK)
+LOWER := requirements-lower.txt
+VENV_LOWER ?= .venv-lower
 LOCKVENV ?= /tmp/norm-study-lockvenv
 NOTEBOOKS := ERA_Session8_Assignment_*_v1.ipynb
 
-.PHONY: run test smoke notebooks notebooks-smoke lock clean
+.PHONY: run test test-lower smoke notebooks notebooks-smoke lock clean
 
 $(VENV)/.installed: $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +28,15 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+$(VENV_LOWER)/.installed: requirements.txt requirements-dev.txt requirements-ray.txt $(LOWER)
+	$(PYTHON) -m venv $(VENV_LOWER)
+	$(VENV_LOWER)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_LOWER)/bin/python -m pip install --quiet -r requirements-dev.txt -r requirements-ray.txt -c $(LOWER)
+	touch $@
+
+test-lower: $(VENV_LOWER)/.installed
+	$(VENV_LOWER)/bin/python -m pytest -q -p no:cacheprovider
 
 smoke: $(VENV)/.installed
 	$(PY) train.py --norm all --smoke --out runs/smoke
@@ -45,4 +57,4 @@ lock:
 	mv $(LOCK).tmp $(LOCK)
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__ */__pycache__
+	rm -rf $(VENV) $(VENV_LOWER) .pytest_cache __pycache__ */__pycache__

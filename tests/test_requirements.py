@@ -18,6 +18,7 @@ RANGES = ("requirements.txt", "requirements-dev.txt", "requirements-ray.txt")
 # What Google Colab ships (torch 2.11 / torchvision 0.26, CUDA 12.8, Python 3.12):
 # `pip install -r requirements.txt` there must keep them.
 COLAB = {"torch": "2.11.0", "torchvision": "0.26.0"}
+LOWER = "requirements-lower.txt"  # constraints of `make test-lower`: the suite at Colab's versions
 
 
 def _lines(path):
@@ -103,6 +104,22 @@ def test_makefile_installs_with_the_lock_and_rebuilds_on_any_requirement_file():
     assert "$(VENV)/.installed: $(REQUIREMENTS)" in makefile
     stamp_needs = variables["REQUIREMENTS"].replace("$(LOCK)", LOCK).split()
     for path in sorted(ROOT.glob("requirements*.txt")):
-        assert path.name in stamp_needs, f"the Makefile's venv stamp does not depend on {path.name}"
+        if path.name != LOWER:  # the lower-bound venv's own (below)
+            assert path.name in stamp_needs, f"the Makefile's venv stamp does not depend on {path.name}"
     install = re.search(r"pip install .*-c \$\(LOCK\)", makefile)
     assert install and "requirements-dev.txt" in install[0] and "requirements-ray.txt" in install[0]
+
+
+def test_the_lower_bound_check_installs_colabs_torch_within_the_ranges():
+    """`make test-lower` runs the suite at the lowest torch the ranges admit, which is Colab's."""
+    lower = {canonicalize_name(req.name): req for _, req in ((n, Requirement(line)) for n, line in _lines(ROOT / LOWER))}
+    for package, colab_version in COLAB.items():
+        specs = list(lower[package].specifier)
+        assert [(s.operator, s.version) for s in specs] == [("==", colab_version)], f"{LOWER}: {lower[package]}"
+    for where, number, req in read_requirements("requirements-dev.txt") + read_requirements("requirements-ray.txt"):
+        pin = lower.get(canonicalize_name(req.name))
+        if pin is not None and len(pin.specifier) == 1 and next(iter(pin.specifier)).operator == "==":
+            assert req.specifier.contains(next(iter(pin.specifier)).version), f"{where}:{number}: {req} vs {LOWER}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^\$\(VENV_LOWER\)/\.installed: .*\$\(LOWER\)", makefile, re.M)
+    assert re.search(r"pip install .*-r requirements-dev.txt -r requirements-ray.txt -c \$\(LOWER\)", makefile)
