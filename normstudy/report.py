@@ -12,6 +12,7 @@ from . import checkpoints
 from .config import NORMS, RunConfig
 from .run import check_record
 
+
 def load_records(out):
     """Every finished run directly under ``out`` (``out/<run id>/record.json``), in id order, and a
     list of ``"path: why"`` for the ones that are broken (skipped, never fatal)."""
