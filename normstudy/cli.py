@@ -12,7 +12,6 @@ from pathlib import Path
 
 from . import checkpoints
 from . import data as data_lib
-from . import loop
 from . import recipe as recipe_lib
 from . import report
 from . import run as run_lib
@@ -134,46 +133,62 @@ def _finished_already(config, out, record, *, runtime=None):
     return line
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out or ("runs/smoke" if args.smoke else "runs"))
+# What a command refuses as bad input: one line on stderr, exit 2.
+BAD_INPUT = (data_lib.DatasetError, checkpoints.CheckpointError, run_lib.RunFolderError, ValueError, OSError)
+
+
+def exit_code(prog, body, *, kept):
+    """Run a command's ``body()`` and return its exit code (``body``'s own, else 0), saying in one
+    line on stderr how it ended otherwise: bad input (:data:`BAD_INPUT`, exit 2), Ctrl-C (130) or
+    SIGTERM (143, re-raised), the last two with ``kept``: what is saved and how to go on."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.resume and args.restart:
-            raise ValueError("--resume and --restart exclude each other")
-        configs = configs_from_args(args)  # bad settings are refused before any data is read
-        device = runtime_lib.pick_device(args.device)
-        _writable_dir(out)
-        if args.resume and not any((out / c.run_id / "checkpoint.pt").exists() for c in configs):
-            raise checkpoints.CheckpointError(f"--resume: no checkpoint under {out} for "
-                                              + ", ".join(c.run_id for c in configs))
-        print(f"device: {runtime_lib.device_name(device)}", flush=True)
-        dataset = config = None
-        for config in configs:
-            record = run_lib.read_record(out / config.run_id)
-            if record is not None:
-                print(_finished_already(config, out, record, runtime=args.runtime), flush=True)
-                continue
-            dataset = dataset or run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
-            run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime, resume=args.resume,
-                            restart=args.restart, progress=not args.quiet)
-        print(report.write_summary(out))
-    except FloatingPointError as err:
-        print(f"train.py: diverged: {err}; {_last_good_epoch(out / config.run_id)}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return body() or 0
     except KeyboardInterrupt:
-        print(f"train.py: interrupted; every completed epoch is saved under {out} "
-              "(run again with --resume to continue)", file=sys.stderr)
+        print(f"{prog}: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as stop:
         if stop.code == EXIT_TERMINATED:
-            print(f"train.py: terminated; every completed epoch is saved under {out} "
-                  "(run again with --resume to continue)", file=sys.stderr)
+            print(f"{prog}: terminated; {kept}", file=sys.stderr)
         raise
-    except (data_lib.DatasetError, checkpoints.CheckpointError, run_lib.RunFolderError, ValueError, OSError) as err:
-        print(f"train.py: error: {_one_line(err)}", file=sys.stderr)
+    except BAD_INPUT as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or ("runs/smoke" if args.smoke else "runs"))
+    return exit_code("train.py", lambda: _train_all(args, out),
+                     kept=f"every completed epoch is saved under {out} (run again with --resume to continue)")
+
+
+def _train_all(args, out):
+    """train.py's work: each configuration's run (unless finished), then the summary of ``out``.
+    A diverged run ends it with exit 3 and one line saying where its last good epoch is."""
+    if args.resume and args.restart:
+        raise ValueError("--resume and --restart exclude each other")
+    configs = configs_from_args(args)  # bad settings are refused before any data is read
+    device = runtime_lib.pick_device(args.device)
+    _writable_dir(out)
+    if args.resume and not any((out / c.run_id / "checkpoint.pt").exists() for c in configs):
+        raise checkpoints.CheckpointError(f"--resume: no checkpoint under {out} for "
+                                          + ", ".join(c.run_id for c in configs))
+    print(f"device: {runtime_lib.device_name(device)}", flush=True)
+    dataset = None
+    for config in configs:
+        record = run_lib.read_record(out / config.run_id)
+        if record is not None:
+            print(_finished_already(config, out, record, runtime=args.runtime), flush=True)
+            continue
+        dataset = dataset or run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
+        try:
+            run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime, resume=args.resume,
+                            restart=args.restart, progress=not args.quiet)
+        except FloatingPointError as err:
+            print(f"train.py: diverged: {err}; {_last_good_epoch(out / config.run_id)}", file=sys.stderr)
+            return EXIT_DIVERGED
+    print(report.write_summary(out))
 
 
 def _last_good_epoch(run_dir):

@@ -13,7 +13,6 @@
   tests and smoke runs.
 """
 import hashlib
-import os
 import pickle
 from pathlib import Path
 

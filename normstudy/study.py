@@ -16,13 +16,11 @@ Bad input ends with one line on stderr and exit 2; failed (e.g. diverged) runs w
 the others are done; Ctrl-C or SIGTERM with exit 130 or 143, finished runs and checkpoints kept.
 """
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 from . import checkpoints
 from . import cli
-from . import data as data_lib
 from . import run as run_lib
 from . import runtime as runtime_lib
 from . import study_report
@@ -232,38 +230,31 @@ def configs_from_args(args):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out or f"runs/study-{args.grid}" + ("-smoke" if args.smoke else ""))
-    signal.signal(signal.SIGTERM, cli._terminate)
-    prog = PROG
-    try:
-        configs = configs_from_args(args)  # bad settings are refused before any data is read
-        runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
-                             log=None if args.quiet else _write_line)
-        cli._writable_dir(out)
-        if args.summary_only:
-            write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
-        else:
-            if not args.quiet:
-                print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
+    return cli.exit_code(PROG, lambda: _study(args, out),
+                         kept=f"finished runs are kept in {out} and interrupted ones in their checkpoints "
+                              "(run the same command again to continue)")
+
+
+def _study(args, out):
+    """The study command's work: the grid (or only its summary), then its table. Failed runs end it
+    with exit 3 once the others are done."""
+    configs = configs_from_args(args)  # bad settings are refused before any data is read
+    runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
+                         log=None if args.quiet else _write_line)
+    cli._writable_dir(out)
+    if args.summary_only:
+        write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
+    else:
+        if not args.quiet:
+            print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
+        try:
             run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
                      device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
-        if not args.quiet:
-            print((out / "results.md").read_text())
-    except RunsFailed as err:
-        print(f"{prog}: {err}; the other runs finished (see {out / 'results.md'})", file=sys.stderr)
-        return cli.EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished runs are kept in {out} and interrupted ones in their checkpoints "
-              "(run the same command again to continue)", file=sys.stderr)
-        return cli.EXIT_INTERRUPTED
-    except SystemExit as stop:
-        if stop.code == cli.EXIT_TERMINATED:
-            print(f"{prog}: terminated; finished runs are kept in {out} and interrupted ones in their "
-                  "checkpoints (run the same command again to continue)", file=sys.stderr)
-        raise
-    except (data_lib.DatasetError, checkpoints.CheckpointError, run_lib.RunFolderError, ValueError, OSError) as err:
-        print(f"{prog}: error: {cli._one_line(err)}", file=sys.stderr)
-        return cli.EXIT_BAD_INPUT
-    return 0
+        except RunsFailed as err:
+            print(f"{PROG}: {err}; the other runs finished (see {out / 'results.md'})", file=sys.stderr)
+            return cli.EXIT_DIVERGED
+    if not args.quiet:
+        print((out / "results.md").read_text())
 
 
 def _finished_records(configs, out):
