@@ -161,12 +161,12 @@ def run_one(config, out, *, dataset=None, data_dir="./data", download=True, devi
     share it. ``runtime``: a preset name or overrides (see :func:`fit.resolve_runtime`).
     """
     run_dir = Path(out) / config.run_id
-    record = _finished_record(run_dir, config)
+    record = finished_record(run_dir, config)
     if record is not None:
         return record
     run_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(run_dir):  # every file of the folder is written holding its lock
-        record = _finished_record(run_dir, config)  # again: another process may have finished it meanwhile
+        record = finished_record(run_dir, config)  # again: another process may have finished it meanwhile
         if record is not None:
             return record
         claim_folder(run_dir, config)
@@ -177,8 +177,9 @@ def run_one(config, out, *, dataset=None, data_dir="./data", download=True, devi
                       runtime=runtime, resume=resume, restart=restart, figures=figures, progress=progress, log=log)
 
 
-def _finished_record(run_dir, config):
-    """The record of ``config`` finished in ``run_dir``, or ``None``; another configuration's is refused."""
+def finished_record(run_dir, config):
+    """The record of ``config`` finished in ``run_dir``, or ``None``; :class:`RunFolderError` if
+    the folder holds another configuration's record (or a broken one)."""
     record = read_record(run_dir)
     if record is not None and RunConfig.from_dict(record["config"]) != config:
         raise RunFolderError(f"{run_dir} holds another configuration; use another --out")

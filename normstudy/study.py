@@ -131,10 +131,8 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
     runner = runner if runner is not None else make_runner("local")
     records = {}
     for config in configs:
-        record = run_lib.read_record(out / config.run_id)
+        record = run_lib.finished_record(out / config.run_id, config)
         if record is not None:
-            if RunConfig.from_dict(record["config"]) != config:
-                raise run_lib.RunFolderError(f"{out / config.run_id} holds another configuration; use another --out")
             records[config.run_id] = record
     todo = [config for config in configs if config.run_id not in records]
     bar = _progress_bar(total=len(configs), done=len(records), enabled=progress)

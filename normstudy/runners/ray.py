@@ -165,9 +165,7 @@ class RayRunner:
         failures, pending = {}, []
         for config in dict.fromkeys(configs):
             try:
-                record = run_lib.read_record(out / config.run_id)
-                if record is not None and RunConfig.from_dict(record["config"]) != config:
-                    raise run_lib.RunFolderError(f"{out / config.run_id} holds another configuration; use another --out")
+                record = run_lib.finished_record(out / config.run_id, config)
             except run_lib.RunFolderError as err:
                 failures[config.run_id] = failure_line(err)
                 continue
