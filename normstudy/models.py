@@ -13,6 +13,16 @@ and W) and ``"gn"`` (GroupNorm with ``groups`` groups). ``model_bn``, ``model_ln
 ``model_gn`` are named variants of :class:`CifarNet`.
 
 The forward pass returns raw logits; pair it with ``nn.CrossEntropyLoss``.
+
+**A stack of K runs** (``CifarNet(stack=specs)``, one :class:`NormSpec` per run) is the same
+network K times side by side, as one model (HFTA's horizontal fusion, Wang et al., MLSys 2021):
+every convolution is grouped (``groups=K``, run k's filters in channels ``k*C..(k+1)*C``), and
+each norm layer is a :class:`StackedNorm` that normalizes each run's channels as that run's own
+norm would (BatchNorm over (N, H, W) per channel, GroupNorm per image over each run's groups).
+Its input holds run k's images in channels ``3k..3k+2`` and its output run k's logits in columns
+``10k..10k+9``. Nothing crosses from one run's channels to another's, so the sum of the runs'
+losses gives each run exactly its own gradient. :func:`run_state` views one run's share of the
+stack's parameters and buffers under the names a single ``CifarNet`` has.
 :func:`fresh_model` builds the network a run starts from (seeded, then the recipe's
 initialization).
 
@@ -24,6 +34,7 @@ training, unguarded: with a dropout above 0, concurrent runs are not reproducibl
 dropout is 0).
 """
 import threading
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -71,6 +82,71 @@ def make_norm(norm, channels, *, groups=2, bn_momentum=0.1):
     raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
 
 
+class NormSpec(NamedTuple):
+    """One run's norm in a stack: ``kind`` "bn" or "gn" (LayerNorm is "gn" with one group),
+    GroupNorm's ``groups``, BatchNorm's ``momentum``."""
+    kind: str
+    groups: int = None
+    momentum: float = None
+
+
+def norm_spec(norm, *, groups=2, bn_momentum=0.1):
+    """The :class:`NormSpec` of ``norm`` as :func:`make_norm` would build it."""
+    if norm == "bn":
+        return NormSpec("bn", None, bn_momentum)
+    make_norm(norm, 32, groups=groups)  # the same refusals
+    return NormSpec("gn", 1 if norm == "ln" else groups, None)
+
+
+class StackedNorm(nn.Module):
+    """The norm layers of K runs side by side over ``K * channels`` channels (see the module
+    docstring). Consecutive runs of one :class:`NormSpec` form a segment, normalized by one call
+    of ``F.batch_norm`` or ``F.group_norm`` (a stack sorted by spec has one segment per kind);
+    the segments' outputs are concatenated. Parameters and running statistics cover every
+    channel (a GroupNorm run's running statistics are unused), under BatchNorm's names."""
+
+    def __init__(self, specs, channels, *, eps=1e-5):
+        super().__init__()
+        self.specs, self.channels, self.eps = tuple(specs), channels, eps
+        width = len(self.specs) * channels
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("running_mean", torch.zeros(width))
+        self.register_buffer("running_var", torch.ones(width))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.segments = []  # (first channel, end channel, spec, runs)
+        start = 0
+        for k, spec in enumerate(self.specs + (None,)):
+            if k == len(self.specs) or spec != self.specs[start]:
+                if k:
+                    self.segments.append((start * channels, k * channels, self.specs[start], k - start))
+                start = k
+
+    def _segment(self, x, a, b, spec, runs):
+        if spec.kind == "bn":
+            return F.batch_norm(x, self.running_mean[a:b], self.running_var[a:b], self.weight[a:b], self.bias[a:b],
+                                self.training, spec.momentum, self.eps)
+        weight, bias = self.weight[a:b], self.bias[a:b]
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # as GroupNorm above: stay in 16 bits
+                return F.group_norm(x, runs * spec.groups, weight.to(x.dtype), bias.to(x.dtype), self.eps)
+        return F.group_norm(x, runs * spec.groups, weight, bias, self.eps)
+
+    def forward(self, x):
+        if self.training and any(spec.kind == "bn" for spec in self.specs):
+            self.num_batches_tracked.add_(1)
+        if len(self.segments) == 1:
+            return self._segment(x, *self.segments[0])
+        return torch.cat([self._segment(x[:, a:b], a, b, spec, runs) for a, b, spec, runs in self.segments], dim=1)
+
+
+def norm_layer(norm, channels, *, groups, bn_momentum, stack=None):
+    """``make_norm``'s layer, or for a stack (a tuple of :class:`NormSpec`) a :class:`StackedNorm`."""
+    if stack is not None:
+        return StackedNorm(stack, channels)
+    return make_norm(norm, channels, groups=groups, bn_momentum=bn_momentum)
+
+
 class ConvBlock(nn.Sequential):
     """Conv 3x3 (no bias) -> ReLU -> Norm -> Dropout, the seed's block order.
 
@@ -82,11 +158,12 @@ class ConvBlock(nn.Sequential):
 
     fused = False
 
-    def __init__(self, c_in, c_out, *, padding=1, norm, groups, dropout, bn_momentum):
+    def __init__(self, c_in, c_out, *, padding=1, norm, groups, dropout, bn_momentum, stack=None):
+        k = 1 if stack is None else len(stack)
         super().__init__(
-            nn.Conv2d(c_in, c_out, kernel_size=3, padding=padding, bias=False),
+            nn.Conv2d(c_in * k, c_out * k, kernel_size=3, padding=padding, bias=False, groups=k),
             nn.ReLU(),
-            make_norm(norm, c_out, groups=groups, bn_momentum=bn_momentum),
+            norm_layer(norm, c_out, groups=groups, bn_momentum=bn_momentum, stack=stack),
             nn.Dropout(dropout),
         )
 
@@ -127,27 +204,31 @@ def use_triton_kernels(model, enabled=True):
 
 
 class CifarNet(nn.Module):
-    """The seed's CNN with the normalization layer chosen by ``norm`` (see module docstring)."""
+    """The seed's CNN with the normalization layer chosen by ``norm`` (see module docstring);
+    with ``stack`` (one :class:`NormSpec` per run) K such networks as one, ``norm`` and
+    ``groups`` then unused."""
 
-    def __init__(self, norm="bn", *, groups=2, dropout=0.0, bn_momentum=0.1):
+    def __init__(self, norm="bn", *, groups=2, dropout=0.0, bn_momentum=0.1, stack=None):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
-        self.norm = norm
-        block = dict(norm=norm, groups=groups, dropout=dropout, bn_momentum=bn_momentum)
+        self.norm = norm if stack is None else None
+        self.stack = None if stack is None else tuple(stack)
+        k = 1 if stack is None else len(self.stack)
+        block = dict(norm=norm, groups=groups, dropout=dropout, bn_momentum=bn_momentum, stack=self.stack)
         self.c1 = ConvBlock(3, 32, **block)
         self.c2 = ConvBlock(32, 32, **block)
-        self.c3 = nn.Conv2d(32, 16, kernel_size=1, bias=False)
+        self.c3 = nn.Conv2d(32 * k, 16 * k, kernel_size=1, bias=False, groups=k)
         self.pool1 = MaxPool2d(2)
         self.c4 = ConvBlock(16, 32, **block)
         self.c5 = ConvBlock(32, 32, **block)
-        self.c6 = nn.Conv2d(32, 16, kernel_size=1, bias=False)
+        self.c6 = nn.Conv2d(32 * k, 16 * k, kernel_size=1, bias=False, groups=k)
         self.pool2 = MaxPool2d(2)
         self.c7 = ConvBlock(16, 32, **block)
         self.c8 = ConvBlock(32, 32, padding=0, **block)
         self.c9 = ConvBlock(32, 32, padding=0, **block)
         self.gap = nn.AvgPool2d(4)
-        self.c10 = nn.Conv2d(32, 10, kernel_size=1, bias=False)
+        self.c10 = nn.Conv2d(32 * k, 10 * k, kernel_size=1, bias=False, groups=k)
 
     def forward(self, x):
         x = self.c1(x)
@@ -169,3 +250,22 @@ def fresh_model(norm, recipe, *, train_images, seed):
         torch.manual_seed(seed)
         model = CifarNet(norm, **recipe_lib.model_kwargs(recipe))
         return recipe_lib.initialize(model, recipe, train_images)
+
+
+def run_state(stacked, position, single):
+    """Run ``position``'s share of the stacked model ``stacked`` as ``{name: view}`` under the
+    names of ``single``'s state_dict (a ``CifarNet`` of that run): each tensor's slice along its
+    first dimension (the output channels), and shared counters (``num_batches_tracked``) as they
+    are. Copying into the views writes the stack; copying from them reads it."""
+    theirs = stacked.state_dict(keep_vars=True)
+    views = {}
+    for name, tensor in single.state_dict(keep_vars=True).items():
+        full = theirs[name].detach()
+        if tensor.dim() == 0:
+            views[name] = full
+            continue
+        size = tensor.shape[0]
+        if full.shape[1:] != tensor.shape[1:] or full.shape[0] % size:
+            raise ValueError(f"{name}: stacked shape {tuple(full.shape)} does not hold {tuple(tensor.shape)}")
+        views[name] = full.narrow(0, position * size, size)
+    return views

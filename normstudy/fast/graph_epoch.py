@@ -91,8 +91,10 @@ class GraphEpoch:
     :class:`~normstudy.fast.optimizers.LambdaSchedule`) as the plain loop would."""
 
     def __init__(self, model, optimizer, criterion, scheduler, loader, *, amp_dtype, channels_last,
-                 total_steps, chunk=None, warmup_steps=3, scaler=None):
+                 total_steps, chunk=None, warmup_steps=3, scaler=None, graphs=True):
         self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
+        # graphs=False: the same steps, launched one by one (the eager reference path on a GPU)
+        self.recorded = graphs and loader.device.type == "cuda"
         self.body = steps_lib.EagerStep(model, optimizer, criterion, amp_dtype=amp_dtype, channels_last=channels_last,
                                         scaler=scaler)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -106,9 +108,11 @@ class GraphEpoch:
         self.position = torch.zeros((), dtype=torch.long, device=device)  # first image of the next batch
         self.step_index = torch.zeros((), dtype=torch.long, device=device)  # global step, for the lr table
         self.batch_index = torch.zeros((), dtype=torch.long, device=device)  # batch within the epoch
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        # One figure per run: a scalar, or for a stack of K runs (labels (N, K)) a vector of K.
+        shape = tuple(loader.labels.shape[1:])
+        self.loss_sum = torch.zeros(shape, device=device)
+        self.correct = torch.zeros(shape, dtype=torch.long, device=device)
+        self.first_bad = torch.full(shape, -1, dtype=torch.long, device=device)
         self.lr_table = self._lr_table(total_steps, device)
         self.full_batches, self.last_batch = divmod(n, self.batch_size)
         self.graphs = {}  # (steps, batch size) -> CUDA graph
@@ -117,7 +121,7 @@ class GraphEpoch:
         # lr of every group at every step (one more: the schedule's value after the last step).
         factors = [self.scheduler.factor(step) for step in range(total_steps + 1)]
         return torch.tensor([[base * f for f in factors] for base in self.scheduler.base_lrs],
-                            dtype=torch.float32, device=device)
+                            dtype=self.optimizer.param_groups[0]["lr"].dtype, device=device)
 
     def _one_step(self, batch_size):
         offsets = torch.arange(batch_size, device=self.position.device)
@@ -182,7 +186,7 @@ class GraphEpoch:
     def record(self):
         """Record the graphs an epoch needs, if not yet done; call it outside
         :meth:`RecordingLock.work` (it takes the lock alone)."""
-        if self.position.device.type != "cuda":
+        if not self.recorded:
             return
         for key, count in self._shapes():
             if count and key not in self.graphs:
@@ -190,7 +194,7 @@ class GraphEpoch:
                     self.graphs[key] = self._record(*key)
 
     def _replay(self, key):
-        if self.position.device.type != "cuda":  # nothing to record: run the same steps directly (tests)
+        if not self.recorded:  # nothing to record: run the same steps directly (CPU, tests)
             for _ in range(key[0]):
                 self._one_step(key[1])
             return
@@ -200,7 +204,8 @@ class GraphEpoch:
 
     def train_epoch(self):
         """One epoch; returns ``(mean loss, accuracy in %)`` as the plain loop does, or raises
-        :class:`~normstudy.loop.NonFiniteLossError` naming the first bad batch."""
+        :class:`~normstudy.loop.NonFiniteLossError` naming the first bad batch. For a stack of runs:
+        ``(losses, accuracies, first bad batches)``, lists of one entry per run (-1: none bad)."""
         from ..loop import NonFiniteLossError
         self.model.train()
         images, labels = self.loader.epoch_tensors()
@@ -216,7 +221,10 @@ class GraphEpoch:
         steps = self.full_batches + bool(self.last_batch)
         self.scheduler.last_epoch += steps
         self.scheduler._apply()  # the lr tensors now hold the next step's rate, as after the plain loop
+        seen = len(self.images)
+        if self.first_bad.dim():  # a stack: every run's figures, and its first bad batch (-1: none)
+            return ([loss / seen for loss in self.loss_sum.tolist()],
+                    [100.0 * correct / seen for correct in self.correct.tolist()], self.first_bad.tolist())
         if self.first_bad.item() >= 0:
             raise NonFiniteLossError(self.first_bad.item())
-        seen = len(self.images)
         return self.loss_sum.item() / seen, 100.0 * self.correct.item() / seen

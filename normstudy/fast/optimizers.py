@@ -16,7 +16,9 @@ class SGD:
     """Stochastic gradient descent with (Nesterov) momentum and per-group L2 weight decay.
 
     ``params`` is an iterable of tensors or of dicts with ``"params"`` and optionally
-    ``"weight_decay"``, as for ``torch.optim.SGD``. A group's ``"lr"`` may be a float or a
+    ``"weight_decay"``, as for ``torch.optim.SGD``; a group's ``"weight_decay"`` may also be a
+    list of tensors, one per parameter, broadcast against it (a stack of runs, each with its
+    own decay over its slice of the parameter). A group's ``"lr"`` may be a float or a
     0-d tensor (a CUDA graph reads it from the tensor; :class:`LambdaSchedule` fills it in place).
     Momentum buffers start at zero, which for SGD is the same as PyTorch's "copy the first
     gradient", and means a CUDA graph can be recorded before the first step.
@@ -63,8 +65,12 @@ class SGD:
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            decay = group["weight_decay"]
+            if isinstance(decay, (list, tuple)):  # one tensor per parameter: a stack of runs, each its own decay
+                kept = [d for p, d in zip(group["params"], decay) if p.grad is not None]
+                grads = torch._foreach_add(grads, torch._foreach_mul(params, kept))
+            elif decay:
+                grads = torch._foreach_add(grads, params, alpha=decay)
             if found_inf is not None:
                 for grad in grads:  # inf or NaN times 0 is NaN: overwrite instead
                     grad.masked_fill_(skip, 0.0)

@@ -22,7 +22,10 @@ from .amp import LossScaler
 
 
 def correct_count(logits, labels):
-    """Number of rows of ``logits`` whose arg-max is the label, as a device tensor."""
+    """Number of rows of ``logits`` whose arg-max is the label, as a device tensor. For a stack
+    of K runs (labels ``(N, K)``, logits ``(N, K * classes)``): each run's count, shape ``(K,)``."""
+    if labels.dim() == 2:
+        return (logits.view(*labels.shape, -1).argmax(dim=2) == labels).sum(dim=0)
     return (logits.argmax(dim=1) == labels).sum()
 
 
@@ -67,11 +70,13 @@ class EagerStep:
         with autocast(images.device.type, self.amp_dtype):
             logits = self.forward(images)
             loss = self.criterion(logits, labels)
+        # A stack's criterion gives each run's loss; their sum trains each run on its own.
+        total = loss.sum() if loss.dim() else loss
         if self.scaler is None:
-            loss.backward()
+            total.backward()
             self.optimizer.step()
         else:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)  # no step, and a smaller scale, if a gradient overflowed
         return loss.detach(), correct_count(logits.detach(), labels)
 
