@@ -169,10 +169,7 @@ def run_one(config, out, *, dataset=None, data_dir="./data", download=True, devi
         record = finished_record(run_dir, config)  # again: another process may have finished it meanwhile
         if record is not None:
             return record
-        claim_folder(run_dir, config)
-        stale = checkpoints.remove_stale_temporaries(run_dir)
-        if stale:
-            log(f"{config.run_id}: removed {len(stale)} temporary file(s) of a killed run: {', '.join(stale)}")
+        prepare_folder(run_dir, config, log=log)
         return _train(config, run_dir, dataset=dataset, data_dir=data_dir, download=download, device=device,
                       runtime=runtime, resume=resume, restart=restart, figures=figures, progress=progress, log=log)
 
@@ -186,14 +183,30 @@ def finished_record(run_dir, config):
     return record
 
 
-def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, resume, restart, figures,
-           progress, log):
-    checkpoint = run_dir / "checkpoint.pt"
+def prepare_folder(run_dir, config, *, log):
+    """Claim ``run_dir`` for ``config`` (:func:`claim_folder`) and remove the temporary files a
+    killed run left there; call it holding the folder's lock."""
+    claim_folder(run_dir, config)
+    stale = checkpoints.remove_stale_temporaries(run_dir)
+    if stale:
+        log(f"{config.run_id}: removed {len(stale)} temporary file(s) of a killed run: {', '.join(stale)}")
+
+
+def checkpoint_to_resume(run_dir, *, resume, restart):
+    """``(path of the run's checkpoint, whether to resume from it)``; an interrupted run is
+    continued only with ``resume`` and started over (its checkpoint deleted) only with ``restart``."""
+    checkpoint = Path(run_dir) / "checkpoint.pt"
     if checkpoint.exists() and not (resume or restart):
         raise RunFolderError(f"{run_dir} holds an interrupted run ({checkpoint.name}); pass --resume to "
                              "continue it or --restart to start it over")
     if restart:
         checkpoint.unlink(missing_ok=True)
+    return checkpoint, resume and checkpoint.exists()
+
+
+def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, resume, restart, figures,
+           progress, log):
+    checkpoint, resume = checkpoint_to_resume(run_dir, resume=resume, restart=restart)
     start = time.perf_counter()
     device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
     dataset = dataset if dataset is not None else load_data(config, data_dir=data_dir, download=download)
@@ -204,22 +217,29 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
     # runs in other threads switch them off for the process.
     used = {}
     history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, device=device, seed=config.seed,
-                          runtime=runtime, checkpoint_path=checkpoint, resume=resume and checkpoint.exists(),
+                          runtime=runtime, checkpoint_path=checkpoint, resume=resume,
                           progress=progress, log=log, on_prepared=lambda training: used.update(training.runtime))
-    runtime = used
+    return finish_run(config, run_dir, model=model, history=history, runtime=used, device=device, dataset=dataset,
+                      figures=figures, seconds=time.perf_counter() - start)
+
+
+def finish_run(config, run_dir, *, model, history, runtime, device, dataset, figures, seconds, extra=None):
+    """The end of a trained run: its final figures (flip TTA included), ``weights.pt``, the
+    figures and, last, ``record.json``; returns the record. ``extra``: more record keys (a run
+    trained in a stack says so)."""
     with DEVICE_LOCK.work():  # evaluation and figures run on the GPU too (see fast.graph_epoch)
         test_loader = data_lib.test_loader(dataset, device=device)
         tta = loop.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
-        record = {"id": config.run_id, "config": config.to_dict(), "recipe": recipe,
+        record = {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe,
                   "device": runtime_lib.device_name(device), "runtime": runtime,
                   "evaluated_on": f"{config.holdout} held-out training images" if config.holdout else "test set",
                   "params": sum(p.numel() for p in model.parameters()),
                   "final": {**summary_figures(history), "test_acc_tta_flip": tta},
-                  "history": history, "seconds": time.perf_counter() - start}
-        checkpoints.save_torch(run_dir / "weights.pt", model.state_dict())
+                  "history": history, "seconds": seconds, **(extra or {})}
+        checkpoints.save_torch(Path(run_dir) / "weights.pt", model.state_dict())
         if figures:
             write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
-    checkpoints.write_json(run_dir / "record.json", record)  # last: the run is finished
+    checkpoints.write_json(Path(run_dir) / "record.json", record)  # last: the run is finished
     return record
 
 
