@@ -1,0 +1,226 @@
+"""Many runs, one model (normstudy.stack): a stack of runs computes, trains, checkpoints, resumes
+and finishes each run as that run does alone.
+
+The comparisons are in fp64: in fp32 a grouped convolution rounds differently from a plain one
+(~1e-7), and a few SGD steps of a BatchNorm network amplify that to visible differences in the
+history (seen: 0.03 in a training loss after 10 steps), which would say nothing about the stack.
+In fp64 the same histories agree to the rounding of the fp32 sums they are accumulated in (1e-7).
+"""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from normstudy import checkpoints
+from normstudy import data
+from normstudy import models
+from normstudy import run as run_lib
+from normstudy import stack as stack_lib
+from normstudy.config import RunConfig
+from normstudy.runners.local import LocalRunner
+
+COMMON = dict(batch_size=10, epochs=2, overrides=(("lr_per_32", 0.032),))
+# Different norms, groups, seeds, label smoothing (BN 0, the others 0.1) and weight decay.
+CONFIGS = (RunConfig(norm="bn", seed=0, **COMMON),
+           RunConfig(norm="ln", seed=1, **COMMON),
+           RunConfig(norm="gn", seed=2, groups=4, batch_size=10, epochs=2,
+                     overrides=(("lr_per_32", 0.032), ("weight_decay", 1e-3))))
+HISTORY = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+@pytest.fixture(scope="module")
+def small():
+    """20 training and 10 test images: 2 steps an epoch at batch 10 (a CPU's fp64 grouped
+    convolutions are slow: ~0.1 s an image and step on 2 cores)."""
+    images, labels = data.synthetic_images(30, seed=5)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    return {"train_images": images[:20], "train_labels": labels[:20], "test_images": images[20:],
+            "test_labels": labels[20:], "classes": data.CLASSES}
+
+
+@pytest.fixture(scope="module")
+def fp64():
+    """Models and normalized images in fp64, for single runs and stacks alike."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "channel_tensor", functools.partial(data.channel_tensor, dtype=torch.float64))
+        fresh = models.fresh_model
+        patch.setattr(models, "fresh_model", lambda *args, **kwargs: fresh(*args, **kwargs).double())
+        yield
+
+
+@pytest.fixture(scope="module")
+def alone_and_stacked(small, fp64, tmp_path_factory):
+    """The three runs trained alone and as one stack (fp64), and the folder of each."""
+    out = tmp_path_factory.mktemp("stack")
+    return (train_alone(CONFIGS, out / "alone", small), train_stacked(CONFIGS, out / "stacked", small), out)
+
+
+def train_alone(configs, out, dataset):
+    return {config.run_id: run_lib.run_one(config, out, dataset=dataset, device="cpu", runtime={"cuda_graph": True},
+                                           figures=False, progress=False, log=lambda line: None)
+            for config in configs}
+
+
+def train_stacked(configs, out, dataset, **kwargs):
+    outcomes = stack_lib.train_stack(configs, out, dataset=dataset, device="cpu", runtime={"cuda_graph": True},
+                                     figures=False, log=lambda line: None, **kwargs)
+    for config, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return {config.run_id: outcome for config, outcome in outcomes}
+
+
+def assert_same_histories(got, expected):
+    """Equal up to the rounding of the fp32 sums the history is accumulated in."""
+    assert got.keys() == expected.keys()
+    for run_id, record in expected.items():
+        for key in HISTORY:
+            assert got[run_id]["history"][key] == pytest.approx(record["history"][key], rel=1e-6, abs=1e-9), \
+                (run_id, key)
+
+
+def test_a_stack_computes_each_runs_network_forward_and_backward():
+    torch.manual_seed(0)
+    specs = [models.norm_spec(c.norm, groups=c.groups) for c in CONFIGS]
+    singles = [models.CifarNet(c.norm, groups=c.groups or 2).double() for c in CONFIGS]
+    for single in singles:  # not the defaults: every parameter and statistic is compared
+        with torch.no_grad():
+            for value in single.state_dict().values():
+                if value.is_floating_point():
+                    value.add_(torch.rand_like(value) * 0.1)
+    stacked = models.CifarNet(stack=specs).double()
+    with torch.no_grad():
+        for k, single in enumerate(singles):
+            for name, view in models.run_state(stacked, k, single).items():
+                view.copy_(single.state_dict()[name])
+    images = [torch.randn(6, 3, 32, 32, dtype=torch.float64) for _ in CONFIGS]
+    labels = torch.randint(0, 10, (6, len(CONFIGS)))
+    for training in (True, False):
+        for model in (stacked, *singles):
+            model.train(training)
+            model.zero_grad()
+        out = stacked(torch.cat(images, dim=1))
+        loss = stack_lib.StackLoss([0.0, 0.1, 0.1], "cpu")(out, labels)
+        loss.sum().backward()
+        for k, single in enumerate(singles):
+            alone = single(images[k])
+            alone_loss = nn.CrossEntropyLoss(label_smoothing=[0.0, 0.1, 0.1][k])(alone, labels[:, k])
+            alone_loss.backward()
+            assert torch.allclose(out[:, 10 * k:10 * (k + 1)], alone, rtol=1e-10, atol=1e-12)
+            assert loss[k].item() == pytest.approx(alone_loss.item(), rel=1e-12)
+            grads = dict(single.named_parameters())
+            for name, param in stacked.named_parameters():
+                size = grads[name].shape[0]
+                assert torch.allclose(param.grad.narrow(0, k * size, size), grads[name].grad, rtol=1e-9, atol=1e-12), name
+            for name, view in models.run_state(stacked, k, single).items():  # running statistics
+                assert torch.allclose(view.double(), single.state_dict()[name].double(), rtol=1e-10), name
+
+
+def test_a_stack_trains_each_run_as_it_trains_alone(alone_and_stacked):
+    alone, stacked, out = alone_and_stacked
+    assert_same_histories(stacked, alone)
+    for config in CONFIGS:
+        assert stacked[config.run_id]["stack"] == {"size": 3, "runs": [c.run_id for c in CONFIGS]}
+        assert "stack" not in alone[config.run_id]
+        mine = checkpoints.load_torch(out / "stacked" / config.run_id / "weights.pt")
+        theirs = checkpoints.load_torch(out / "alone" / config.run_id / "weights.pt")
+        for name, value in theirs.items():
+            assert torch.allclose(mine[name].double(), value.double(), rtol=1e-7, atol=1e-9), (config.run_id, name)
+        # every file of an ordinary run, and a checkpoint that resumes as a single run's
+        assert {"config.json", "record.json", "weights.pt", "checkpoint.pt"} <= {
+            p.name for p in (out / "stacked" / config.run_id).iterdir()}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_stopped_stack_resumes_each_run_to_the_uninterrupted_history(alone_and_stacked, small, fp64, tmp_path,
+                                                                      monkeypatch):
+    _, uninterrupted, _ = alone_and_stacked
+    real = stack_lib.Stack.train_epoch
+    calls = []
+
+    def dying(self):
+        calls.append(1)
+        if len(calls) == 2:  # in epoch 2: epoch 1's checkpoints are written
+            raise _Interrupt
+        return real(self)
+
+    monkeypatch.setattr(stack_lib.Stack, "train_epoch", dying)
+    with pytest.raises(_Interrupt):
+        train_stacked(CONFIGS, tmp_path, small)
+    monkeypatch.setattr(stack_lib.Stack, "train_epoch", real)
+    for config in CONFIGS:
+        assert checkpoints.load_torch(tmp_path / config.run_id / "checkpoint.pt")["epoch"] == 1
+        assert not (tmp_path / config.run_id / "record.json").exists()
+    resumed = train_stacked(CONFIGS, tmp_path, small)
+    assert_same_histories(resumed, uninterrupted)
+
+    # A finished run is never trained again: its record comes back as it is.
+    monkeypatch.setattr(stack_lib, "Stack", None)  # building a stack would fail
+    again = train_stacked(CONFIGS, tmp_path, small)
+    assert again == resumed
+
+
+def test_runs_stopped_at_different_epochs_resume_in_separate_stacks(alone_and_stacked, small, fp64, tmp_path):
+    _, uninterrupted, _ = alone_and_stacked
+    # Run 0 has one epoch done (a checkpoint as a single run writes it), run 1 none.
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.run_one(CONFIGS[0], tmp_path, dataset=small, device="cpu", runtime={"cuda_graph": True},
+                        figures=False, progress=False, log=_stop_after_first_epoch)
+    assert checkpoints.load_torch(tmp_path / CONFIGS[0].run_id / "checkpoint.pt")["epoch"] == 1
+    resumed = train_stacked(CONFIGS[:2], tmp_path, small)
+    assert_same_histories(resumed, {c.run_id: uninterrupted[c.run_id] for c in CONFIGS[:2]})
+    assert [record["stack"]["size"] for record in resumed.values()] == [1, 1]
+
+
+def _stop_after_first_epoch(line):
+    if "epoch  1/" in line:
+        raise KeyboardInterrupt
+
+
+def test_a_diverged_run_fails_alone_and_the_others_finish(small, tmp_path, monkeypatch):
+    real = stack_lib.Stack._copy_in
+
+    def poisoned(self):
+        real(self)
+        if len(self.trainings) == 3:
+            with torch.no_grad():
+                self.model.c10.weight[10:20].fill_(float("nan"))  # run 1's classifier
+    monkeypatch.setattr(stack_lib.Stack, "_copy_in", poisoned)
+    outcomes = dict(stack_lib.train_stack(CONFIGS, tmp_path, dataset=small, device="cpu", figures=False,
+                                          log=lambda line: None))
+    assert isinstance(outcomes[CONFIGS[1]], FloatingPointError)
+    assert "epoch 1" in str(outcomes[CONFIGS[1]])
+    for config in (CONFIGS[0], CONFIGS[2]):
+        assert outcomes[config]["stack"]["size"] == 3 and len(outcomes[config]["history"]["test_acc"]) == 2
+
+
+def test_plan_stacks_groups_runs_that_can_step_together():
+    runs = [RunConfig(norm=norm, seed=seed, batch_size=batch, epochs=2)
+            for batch in (8, 4) for norm in ("gn", "bn", "ln") for seed in (0, 1, 2)]
+    stacks = stack_lib.plan_stacks(runs, 4)
+    assert [len(s) for s in stacks] == [3, 3, 3, 3, 3, 3]  # 9 runs a batch size: 3 even stacks of at most 4
+    assert all(len({c.batch_size for c in s}) == 1 for s in stacks)
+    assert sorted(c.run_id for s in stacks for c in s) == sorted(c.run_id for c in runs)
+    whole = stack_lib.plan_stacks(runs, 9)
+    assert [[c.norm for c in s] for s in whole] == [["bn"] * 3 + ["ln"] * 3 + ["gn"] * 3] * 2  # one segment a norm (LN is GN of 1 group)
+    other_lr = RunConfig(norm="bn", batch_size=8, epochs=2, overrides=(("lr_per_32", 0.02),))
+    assert len(stack_lib.plan_stacks(runs[:9] + [other_lr], 32)) == 2
+    assert stack_lib.auto_size(runs[0], device="cpu", train_images=torch.zeros(10, 3, 32, 32)) == 1
+    with pytest.raises(ValueError, match="share"):
+        stack_lib.train_stack([runs[0], other_lr], "unused", dataset=None, device="cpu")
+
+
+def test_the_local_runner_trains_stacks_and_delivers_every_record(small, tmp_path):
+    datasets = {("cifar10", 0): small}
+    runner = LocalRunner(stack=3, figures=False)
+    runner._load_datasets = lambda configs, **kwargs: datasets
+    records = []
+    runner.run(CONFIGS, out=tmp_path, device="cpu", on_record=records.append)
+    assert sorted(r["id"] for r in records) == sorted(c.run_id for c in CONFIGS)
+    assert {r["stack"]["size"] for r in records} == {3}
+    with pytest.raises(ValueError, match="stack"):
+        LocalRunner(stack=0)
