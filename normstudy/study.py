@@ -193,6 +193,11 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=cli._positive_int,
                    help="runs at once: with the local runner, threads of this process, a CUDA stream each "
                         "(default 1); with Ray, per worker (default 2 on a GPU, 1 on CPUs)")
+    p.add_argument("--stack", type=_stack_size, default="auto", metavar="K",
+                   help="train up to K runs that share a batch size as one stacked model (grouped convolutions; "
+                        "each run still its own folder and record): a whole number, or auto (the default: on "
+                        "CUDA as many as pay off, up to 32 and 4096 images a step; 1 elsewhere). --stack 1 trains "
+                        "one run at a time")
     p.add_argument("--address", help="--runner ray: the Ray cluster's address (default: start a local one)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
@@ -202,6 +207,10 @@ def parse_args(argv=None):
                    help="train nothing: rewrite summary.json, results.md and the figures from the finished runs")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
     return p.parse_args(argv)
+
+
+def _stack_size(text):
+    return "auto" if text == "auto" else cli._positive_int(text)
 
 
 def configs_from_args(args):
@@ -237,8 +246,9 @@ def _study(args, out):
     """The study command's work: the grid (or only its summary), then its table. Failed runs end it
     with exit 3 once the others are done."""
     configs = configs_from_args(args)  # bad settings are refused before any data is read
+    stack = args.stack if args.runner == "local" or args.stack != "auto" else 1
     runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
-                         log=None if args.quiet else _write_line)
+                         log=None if args.quiet else _write_line, stack=stack)
     cli._writable_dir(out)
     if args.summary_only:
         write_summary(out, configs, _finished_records(configs, out), kind=args.grid)

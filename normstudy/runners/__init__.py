@@ -37,19 +37,22 @@ from .base import RunsFailed, failure_line, pack_run_folder, unpack_run_folder  
 RUNNERS = ("local", "ray")
 
 
-def make_runner(name="local", *, concurrency=None, address=None, log=None):
+def make_runner(name="local", *, concurrency=None, address=None, log=None, stack=1):
     """The runner called ``name``: ``"local"`` (:class:`~normstudy.runners.local.LocalRunner`, in this
     process; ``concurrency`` runs at once, default 1) or ``"ray"`` (:class:`~normstudy.runners.ray.RayRunner`,
     Ray actors on this machine or a cluster; ``concurrency`` is then the runs each worker trains at
-    once, default 2 on a GPU and 1 on CPUs). ``log`` receives progress
+    once, default 2 on a GPU and 1 on CPUs). ``stack``: runs trained as one model (an int or
+    ``"auto"``, see :mod:`normstudy.stack`; local runner only for now). ``log`` receives progress
     lines (local: one per epoch of each run; ray: the cluster and lost workers), or nothing.
     ``ValueError`` (one line) for an unknown or unavailable runner or an option it does not take."""
     if name == "local":
         if address is not None:
             raise ValueError("--address applies to --runner ray only")
         from .local import LocalRunner
-        return LocalRunner(concurrency=1 if concurrency is None else concurrency, log=log)
+        return LocalRunner(concurrency=1 if concurrency is None else concurrency, log=log, stack=stack)
     if name == "ray":
+        if stack not in (1, "auto"):
+            raise ValueError("--stack applies to the local runner only (Ray workers train one run at a time)")
         from . import ray as ray_runner  # imports without Ray; RayRunner says how to install it
         try:
             return ray_runner.RayRunner(address=address, runs_per_worker=concurrency,

@@ -11,6 +11,11 @@ everything else a run draws at random comes from its own generator. (Dropout dra
 generator unguarded: with a dropout above 0 concurrent runs are not reproducible; the recipe's
 dropout is 0.) How well runs overlap on a GPU is a matter of tuning, not of this module.
 
+With ``stack`` (an int, or ``"auto"``), runs that share a batch size and schedule train as stacks
+of up to that many runs, each stack one model (:mod:`normstudy.stack`); ``concurrency`` then
+counts stacks at once. ``"auto"`` stacks on CUDA only, as many runs as pay off
+(:func:`stack.auto_size`); 1 is one run at a time, as before stacks existed.
+
 Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``
 does: its last complete epoch is in its checkpoint. With threads, the running runs stop at the
 end of their current epoch, its checkpoint written (a second Ctrl-C quits without waiting; the
@@ -46,10 +51,13 @@ class LocalRunner:
     receives one line per epoch of each run (prefixed with its run id), or nothing when ``None``.
     ``figures``: each run's ``curves.png`` and ``misclassified.png``."""
 
-    def __init__(self, concurrency=1, *, log=None, figures=True):
+    def __init__(self, concurrency=1, *, log=None, figures=True, stack=1):
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency={concurrency!r} must be a whole number >= 1")
+        if stack != "auto" and (isinstance(stack, bool) or not isinstance(stack, int) or stack < 1):
+            raise ValueError(f"stack={stack!r} must be a whole number >= 1 or auto")
         self.concurrency = concurrency
+        self.stack = stack
         self.log = log
         self.figures = figures
 
@@ -62,10 +70,11 @@ class LocalRunner:
         device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
         datasets = self._load_datasets(configs, data_dir=data_dir, download=download, device=device)
         options = dict(out=out, datasets=datasets, device=device, runtime=runtime)
-        if self.concurrency == 1 or len(configs) == 1:
-            failures = self._run_in_turn(configs, on_record=on_record, **options)
+        units = self._units(configs, datasets=datasets, device=device)
+        if self.concurrency == 1 or len(units) == 1:
+            failures = self._run_in_turn(units, on_record=on_record, **options)
         else:
-            failures = self._run_in_threads(configs, on_record=on_record, **options)
+            failures = self._run_in_threads(units, on_record=on_record, **options)
         if failures:
             raise RunsFailed(failures)
 
@@ -88,30 +97,56 @@ class LocalRunner:
             torch.cuda.synchronize(device)  # the copies are done before other streams read them
         return datasets
 
-    def _run_one(self, config, *, out, datasets, device, runtime, epoch_hook=None):
-        def log(line):
+    def _units(self, configs, *, datasets, device):
+        """What trains together: one run each (``stack=1``) or stacks (:func:`stack.plan_stacks`)."""
+        if self.stack == 1:
+            return [[config] for config in configs]
+        from .. import stack as stack_lib
+        size = self.stack
+        if size == "auto":
+            def size(config):
+                return stack_lib.auto_size(config, device=device,
+                                           train_images=datasets[self._data_key(config)]["train_images"])
+        return stack_lib.plan_stacks(configs, size)
+
+    def _run_unit(self, unit, *, out, datasets, device, runtime, epoch_hook=None):
+        """Train ``unit`` (a list of configs: one run, or a stack); ``[(config, record or
+        exception)]``. An interruption (``KeyboardInterrupt``, the runner's stop) goes through."""
+        def log(line, prefix=""):
             if self.log is not None:
-                self.log(f"{config.run_id}: {line}")
+                self.log(f"{prefix}{line}")
             if epoch_hook is not None:
                 epoch_hook()
-        return run_lib.run_one(config, out, dataset=datasets[self._data_key(config)], device=device,
-                               runtime=runtime, resume=True, figures=self.figures, progress=False, log=log)
+        dataset = datasets[self._data_key(unit[0])]
+        if len(unit) > 1:
+            from .. import stack as stack_lib
+            return stack_lib.train_stack(unit, out, dataset=dataset, device=device, runtime=runtime, resume=True,
+                                         figures=self.figures, log=log)
+        config = unit[0]
+        try:
+            record = run_lib.run_one(config, out, dataset=dataset, device=device, runtime=runtime, resume=True,
+                                     figures=self.figures, progress=False,
+                                     log=lambda line: log(line, prefix=f"{config.run_id}: "))
+        except _Stopped:
+            raise
+        except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
+            return [(config, err)]
+        return [(config, record)]
 
-    def _run_in_turn(self, configs, *, on_record, **options):
+    def _run_in_turn(self, units, *, on_record, **options):
         failures = {}
-        for config in configs:
-            try:
-                record = self._run_one(config, **options)
-            except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
-                failures[config.run_id] = failure_line(err)
-                continue
-            on_record(record)
+        for unit in units:
+            for config, outcome in self._run_unit(unit, **options):
+                if isinstance(outcome, BaseException):
+                    failures[config.run_id] = failure_line(outcome)
+                else:
+                    on_record(outcome)
         return failures
 
-    def _run_in_threads(self, configs, *, on_record, device, **options):
+    def _run_in_threads(self, units, *, on_record, device, **options):
         todo = queue.SimpleQueue()
-        for config in configs:
-            todo.put(config)
+        for unit in units:
+            todo.put(unit)
         results = queue.SimpleQueue()  # (kind, config, payload); kind "done" once per worker
         stop = threading.Event()
 
@@ -124,27 +159,30 @@ class LocalRunner:
             try:
                 while not stop.is_set():
                     try:
-                        config = todo.get_nowait()
+                        unit = todo.get_nowait()
                     except queue.Empty:
                         return
                     try:
                         if stream is not None:
                             with torch.cuda.stream(stream):
-                                record = self._run_one(config, device=device, epoch_hook=check_stop, **options)
+                                outcomes = self._run_unit(unit, device=device, epoch_hook=check_stop, **options)
                             stream.synchronize()
                         else:
-                            record = self._run_one(config, device=device, epoch_hook=check_stop, **options)
+                            outcomes = self._run_unit(unit, device=device, epoch_hook=check_stop, **options)
                     except _Stopped:
                         continue
                     except BaseException as err:  # noqa: BLE001 - reported to the driver thread
-                        results.put(("failed", config, err))
+                        for config in unit:
+                            results.put(("failed", config, err))
                         continue
-                    results.put(("record", config, record))
+                    for config, outcome in outcomes:
+                        failed = isinstance(outcome, BaseException)
+                        results.put(("failed" if failed else "record", config, outcome))
             finally:
                 results.put(("done", None, None))
 
         workers = [threading.Thread(target=worker, name=f"normstudy-run-{k}", daemon=True)
-                   for k in range(min(self.concurrency, len(configs)))]
+                   for k in range(min(self.concurrency, len(units)))]
         failures, running = {}, len(workers)
         for thread in workers:
             thread.start()
