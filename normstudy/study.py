@@ -2,7 +2,7 @@
 its number of groups (after Wu & He, *Group Normalization*, 2018, Tables 2 and 3).
 
     python -m normstudy.study batch                 # BN, LN, GN x batch 2..512 x seeds 0 1 2: 81 runs
-    python -m normstudy.study groups                # GN with G = 1..32 and BN, at batch 512 and 16: 42 runs
+    python -m normstudy.study groups                # GN with G = 1..32 and BN, at batch 512, 16 and 4: 63 runs
     python -m normstudy.study batch --smoke         # a minute on a CPU: synthetic data, 1 epoch, seed 0, batch 256 and 512
     python -m normstudy.study batch --out results/batch-size --concurrency 4
 
@@ -31,7 +31,7 @@ BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 GROUP_COUNTS = (1, 2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)
 EPOCHS = 20
-GROUPS_BATCH_SIZES = (512, 16)  # the groups grid: the recipe's batch and one small one
+GROUPS_BATCH_SIZES = (512, 16, 4)  # the groups grid: the recipe's batch and two small ones
 SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1}
 PROG = "python -m normstudy.study"
 DESCRIPTION = ("Train one of the study's grids: every norm at every batch size (Wu & He, Group Normalization, "
@@ -71,7 +71,7 @@ def batch_grid(norms=NORMS, batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS,
 def groups_grid(groups=GROUP_COUNTS, batch_sizes=GROUPS_BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *,
                 data="cifar10", bn=True):
     """GroupNorm with each number of groups G, plus BatchNorm for reference (``bn``), at each batch
-    size and seed (Table 3): (6 + 1) x 2 x 3 = 42 runs by default.
+    size and seed (Table 3): (6 + 1) x 3 x 3 = 63 runs by default.
 
     Every normalized layer of the network has 32 channels, so the rule is: groups must divide 32;
     channels per group = 32/G. G=1 is LayerNorm (it runs as ``norm="gn", groups=1``, so the curve is one

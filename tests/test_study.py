@@ -83,11 +83,11 @@ def test_batch_grid_is_every_norm_at_every_batch_and_seed():
 
 def test_groups_grid_is_gn_with_each_group_count_and_bn():
     grid = study.groups_grid()
-    assert len(grid) == len({c.run_id for c in grid}) == (6 + 1) * 2 * 3
+    assert len(grid) == len({c.run_id for c in grid}) == (6 + 1) * 3 * 3
     gn = [c for c in grid if c.norm == "gn"]
     assert sorted({c.groups for c in gn}) == [1, 2, 4, 8, 16, 32]  # G=1 is GN with one group: LN
-    assert {c.batch_size for c in grid} == {512, 16}
-    assert {(c.batch_size, c.seed) for c in grid if c.norm == "bn"} == {(b, s) for b in (512, 16) for s in (0, 1, 2)}
+    assert {c.batch_size for c in grid} == {512, 16, 4}
+    assert {(c.batch_size, c.seed) for c in grid if c.norm == "bn"} == {(b, s) for b in (512, 16, 4) for s in (0, 1, 2)}
     assert "groups must divide 32; channels per group = 32/G" in " ".join(study.groups_grid.__doc__.split())
     assert len(study.groups_grid(batch_sizes=(512,), seeds=(0,), bn=False)) == 6
     with pytest.raises(ValueError, match="groups=3 must divide the 32 channels"):
