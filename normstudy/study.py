@@ -193,11 +193,11 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=cli._positive_int,
                    help="runs at once: with the local runner, threads of this process, a CUDA stream each "
                         "(default 1); with Ray, per worker (default 2 on a GPU, 1 on CPUs)")
-    p.add_argument("--stack", type=_stack_size, default="auto", metavar="K",
+    p.add_argument("--stack", type=_stack_size, default=1, metavar="K",
                    help="train up to K runs that share a batch size as one stacked model (grouped convolutions; "
-                        "each run still its own folder and record): a whole number, or auto (the default: on "
-                        "CUDA as many as pay off, up to 32 and 4096 images a step; 1 elsewhere). --stack 1 trains "
-                        "one run at a time")
+                        "each run still its own folder, checkpoints and record); auto: on CUDA up to 32 runs and "
+                        "4096 images a step, 1 elsewhere. Default 1: on the H200 stacks of mixed norms are not yet "
+                        "faster than --concurrency's streams (benchmarks/NOTES.md)")
     p.add_argument("--address", help="--runner ray: the Ray cluster's address (default: start a local one)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
@@ -246,7 +246,7 @@ def _study(args, out):
     """The study command's work: the grid (or only its summary), then its table. Failed runs end it
     with exit 3 once the others are done."""
     configs = configs_from_args(args)  # bad settings are refused before any data is read
-    stack = args.stack if args.runner == "local" or args.stack != "auto" else 1
+    stack = args.stack
     runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
                          log=None if args.quiet else _write_line, stack=stack)
     cli._writable_dir(out)

@@ -224,3 +224,26 @@ def test_the_local_runner_trains_stacks_and_delivers_every_record(small, tmp_pat
     assert {r["stack"]["size"] for r in records} == {3}
     with pytest.raises(ValueError, match="stack"):
         LocalRunner(stack=0)
+
+
+def test_the_study_command_trains_a_grid_as_stacks(tmp_path, capsys, monkeypatch):
+    """The command's --stack reaches the runner, which hands each stack to train_stack (here
+    training its runs one by one: the stacked training itself is tested above)."""
+    from conftest import call_main
+    from normstudy import study
+    stacks = []
+
+    def one_by_one(configs, out, *, dataset, device, runtime=None, figures=True, log=print, **kwargs):
+        stacks.append([config.run_id for config in configs])
+        return [(config, run_lib.run_one(config, out, dataset=dataset, device=device, runtime=runtime,
+                                         figures=False, progress=False, log=log)) for config in configs]
+    monkeypatch.setattr(stack_lib, "train_stack", one_by_one)
+    out = tmp_path / "grid"
+    code, _, err = call_main(study.main, ["batch", "--smoke", "--norms", "bn", "ln", "--batch-sizes", "512",
+                                          "--stack", "2", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert stacks == [["bn-b512-e1-s0-synthetic", "ln-b512-e1-s0-synthetic"]]
+    assert "2 of 2 runs finished" in (out / "results.md").read_text()
+    code, _, err = call_main(study.main, ["batch", "--smoke", "--runner", "ray", "--stack", "2", "--out",
+                                          str(out)], capsys)
+    assert code == 2 and "--stack applies to the local runner only" in err

@@ -51,7 +51,7 @@ def make_runner(name="local", *, concurrency=None, address=None, log=None, stack
         from .local import LocalRunner
         return LocalRunner(concurrency=1 if concurrency is None else concurrency, log=log, stack=stack)
     if name == "ray":
-        if stack not in (1, "auto"):
+        if stack != 1:
             raise ValueError("--stack applies to the local runner only (Ray workers train one run at a time)")
         from . import ray as ray_runner  # imports without Ray; RayRunner says how to install it
         try:
