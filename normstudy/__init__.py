@@ -13,6 +13,7 @@ One module per concern, each importing only from the ones listed before it:
     plots       the figures
     fit         set-up and the epoch loop of one model
     run         run_one(config, out) -> record: the one unit of work
+    stack       many runs, one model: train_stack trains runs of one batch size as one network
     report      summaries and tables over records
     cli         the command line of train.py
     runners     who executes a list of runs: LocalRunner (this process, threads), a Ray runner

@@ -123,7 +123,7 @@ def study_cells():
             "LayerNorm and GroupNorm, and GroupNorm's on its number of groups, after Wu & He, *Group "
             "Normalization* (2018), Tables 2 and 3. The runs are made by\n\n"
             "    python -m normstudy.study batch --out results/batch-size    # 3 norms x 9 batch sizes x 3 seeds\n"
-            "    python -m normstudy.study groups --out results/groups       # G = 1..32 and BN, batch 512 and 16\n\n"
+            "    python -m normstudy.study groups --out results/groups       # G = 1..32 and BN, batch 512, 16 and 4\n\n"
             "(package `normstudy/`, module `study`); this notebook loads their summaries "
             "(`summary.json` in each folder) and shows the tables and figures. With `SMOKE = True` (set "
             "automatically when the `CI` environment variable is set) it instead runs a tiny grid in "
