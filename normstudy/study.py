@@ -19,6 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # first: importing torch (below) takes seconds, and a Ctrl-C meanwhile is one line too
+    from normstudy import stopping
+    stopping.install("python -m normstudy.study")
+
 from . import checkpoints
 from . import cli
 from . import run as run_lib

@@ -13,8 +13,9 @@ dropout is 0.) How well runs overlap on a GPU is a matter of tuning, not of this
 
 Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``
 does: its last complete epoch is in its checkpoint. With threads, the running runs stop at the
-end of their current epoch, its checkpoint written (a second Ctrl-C quits without waiting; the
-threads are daemons and die with the process).
+end of their current epoch, its checkpoint written (a second Ctrl-C quits without waiting: the
+command ends its process at once, see :mod:`normstudy.stopping`; called in-process, the threads
+are daemons and die with the process).
 """
 import queue
 import threading
