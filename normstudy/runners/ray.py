@@ -103,21 +103,67 @@ def init_ray(address=None, **kwargs):
     except (ConnectionError, TimeoutError) as err:
         raise RayUnavailableError(f"ray: no Ray cluster at address {address!r} ({_one_line(err)}); start one with "
                                   "`ray start --head`, or leave out --address for a Ray on this machine only") from None
+    except Exception as err:  # noqa: BLE001 - e.g. "The current node timed out during startup": one line
+        where = f"join the Ray cluster at {address!r}" if address else "start Ray on this machine"
+        raise RayUnavailableError(f"ray: could not {where} ({type(err).__name__}: {_one_line(err)})") from None
     return True
 
 
-def _check_answers(address, timeout=5):
-    """Raise :class:`RayUnavailableError` at once if nothing listens at a ``HOST:PORT`` address: Ray
-    itself retries such an address for minutes, printing warnings, before it gives up."""
+def host_port(address):
+    """``(host, port)`` of a ``HOST:PORT`` address, an IPv6 host in brackets or not (``[::1]:6379``
+    gives ``("::1", 6379)``); ``None`` for the addresses Ray resolves itself (``None``, ``"auto"``,
+    ``ray://...``)."""
     host, sep, port = (address or "").rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:  # None, "auto", ray://...: Ray's to resolve
+    if not sep or not port.isdigit() or "://" in address:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+# An HTTP/2 client's opening (its preface and an empty SETTINGS frame): Ray's GCS, a gRPC server,
+# answers it with a SETTINGS frame of its own (frame type 4, the fourth byte of its header).
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
+NO_CLUSTER_HINT = "start one with `ray start --head`, or leave out --address for a Ray on this machine only"
+
+
+def _check_answers(address, timeout=5):
+    """Raise :class:`RayUnavailableError` within seconds unless a Ray cluster answers at a
+    ``HOST:PORT`` address: when nothing listens there, and when what listens does not speak Ray's
+    protocol (gRPC; e.g. the dashboard's port, 8265). Ray itself retries either for minutes, printing
+    warnings, in calls that signals cannot interrupt. With TLS (``RAY_USE_TLS``) only the port is
+    checked."""
+    where = host_port(address)
+    if where is None:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        with socket.create_connection(where, timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                conn.sendall(HTTP2_HELLO)
+                reply = _receive(conn, 9)
+                if len(reply) < 9 or reply[3] != HTTP2_SETTINGS:
+                    raise RayUnavailableError(
+                        f"ray: {address} answers, but not as a Ray cluster (is it another service, such as the "
+                        "dashboard at 8265? Give the port `ray start --head` listens on, 6379 unless told); "
+                        + NO_CLUSTER_HINT)
+    except (socket.timeout, TimeoutError):
+        raise RayUnavailableError(f"ray: {address} accepts connections but does not answer as a Ray cluster "
+                                  f"within {timeout:g} s; {NO_CLUSTER_HINT}") from None
     except OSError as err:
-        raise RayUnavailableError(f"ray: no Ray cluster answers at {address} ({err.strerror or err}); start one "
-                                  "with `ray start --head`, or leave out --address for a Ray on this machine only"
-                                  ) from None
+        raise RayUnavailableError(f"ray: no Ray cluster answers at {address} ({err.strerror or err}); "
+                                  + NO_CLUSTER_HINT) from None
+
+
+def _receive(conn, size):
+    """Up to ``size`` bytes from ``conn``, fewer when it closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class RayRunner:
