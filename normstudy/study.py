@@ -241,20 +241,30 @@ def _study(args, out):
     """The study command's work: the grid (or only its summary), then its table. Failed runs end it
     with exit 3 once the others are done."""
     configs = configs_from_args(args)  # bad settings are refused before any data is read
+    if args.summary_only:
+        return _summary_only(args, configs, out)
     runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
                          log=None if args.quiet else _write_line)
     cli._writable_dir(out)
-    if args.summary_only:
-        write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
-    else:
-        if not args.quiet:
-            print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
-        try:
-            run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
-                     device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
-        except RunsFailed as err:
-            print(f"{PROG}: {err}; the other runs finished (see {out / 'results.md'})", file=sys.stderr)
-            return cli.EXIT_DIVERGED
+    if not args.quiet:
+        print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
+    try:
+        run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
+                 device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
+    except RunsFailed as err:
+        print(f"{PROG}: {err}; the other runs finished (see {out / 'results.md'})", file=sys.stderr)
+        return cli.EXIT_DIVERGED
+    if not args.quiet:
+        print((out / "results.md").read_text())
+
+
+def _summary_only(args, configs, out):
+    """``--summary-only``: the summary of the grid's finished runs, training nothing (so with no
+    runner: ``--runner ray`` needs no Ray)."""
+    if args.runner == "local":
+        make_runner("local", address=args.address)  # refuses what the local runner does not take
+    cli._writable_dir(out)
+    write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
     if not args.quiet:
         print((out / "results.md").read_text())
 

@@ -330,3 +330,43 @@ def test_ipv6_addresses_in_brackets_lose_their_brackets():
 
 def test_a_real_ray_cluster_passes_the_check(ray_cluster):
     ray_runner._check_answers(ray_cluster.get_runtime_context().gcs_address)
+
+
+@pytest.mark.parametrize("inside, why", [("import no_such_dependency_of_ray", "ModuleNotFoundError: No module named "
+                                                                            "'no_such_dependency_of_ray'"),
+                                         ("raise RuntimeError('protobuf too new')", "RuntimeError: protobuf too new")])
+def test_a_broken_ray_says_it_failed_to_import_and_why(tmp_path, monkeypatch, inside, why):
+    # Bug: an ImportError raised inside Ray said "needs Ray, which is not installed"; another
+    # exception while Ray imported ended in a traceback.
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text(inside + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    with pytest.raises(ValueError) as err:
+        normstudy.runners.make_runner("ray")
+    assert str(err.value) == (f"the ray runner could not import Ray, which is installed but failed ({why}); "
+                              "reinstall it: pip install -r requirements-ray.txt")
+
+
+def test_summary_only_needs_no_ray(tmp_path, capsys, monkeypatch):
+    from conftest import call_main
+    from normstudy import study
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    config = RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=0)
+    write_fake_record(tmp_path, config)
+    code, out, err = call_main(study.main, ["batch", "--smoke", "--norms", "bn", "--batch-sizes", "512",
+                                            "--runner", "ray", "--summary-only", "--out", str(tmp_path)], capsys)
+    assert code == 0 and err == "" and "| BN | 50.00 |" in out
+
+
+def write_fake_record(out, config, acc=50.0):
+    """A finished run's record as run._train writes it, without training."""
+    n = config.epochs
+    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
+               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+    record = {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
+              "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
+              "history": history, "seconds": 1.0}
+    (out / config.run_id).mkdir(parents=True, exist_ok=True)
+    (out / config.run_id / "record.json").write_text(json.dumps(record))
+    return record

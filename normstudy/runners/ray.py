@@ -73,12 +73,22 @@ class RayUnavailableError(RayRunnerError):
 
 
 def import_ray():
-    """``ray``, or :class:`RayUnavailableError` saying in one line how to install it."""
+    """``ray``, or :class:`RayUnavailableError` saying in one line how to install it, or, when Ray is
+    installed but fails to import (a missing or broken dependency), why."""
     try:
         import ray
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "ray":  # one of Ray's own imports failed
+            raise RayUnavailableError(_broken_ray(err)) from None
         raise RayUnavailableError(f"the ray runner needs Ray, which is not installed: {INSTALL_HINT}") from None
+    except Exception as err:  # noqa: BLE001 - whatever Ray raises while it imports, one line
+        raise RayUnavailableError(_broken_ray(err)) from None
     return ray
+
+
+def _broken_ray(err):
+    return (f"the ray runner could not import Ray, which is installed but failed ({type(err).__name__}: "
+            f"{_one_line(err)}); reinstall it: {INSTALL_HINT}")
 
 
 def init_ray(address=None, **kwargs):
