@@ -16,6 +16,7 @@ Bad input ends with one line on stderr and exit 2; failed (e.g. diverged) runs w
 the others are done; Ctrl-C or SIGTERM with exit 130 or 143, finished runs and checkpoints kept.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -125,9 +126,11 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
     Finished runs (``OUT/<run id>/record.json``) are skipped; the rest go through ``runner``
     (default ``LocalRunner()``), interrupted ones resuming from their checkpoints. The summary
     (:func:`write_summary`: ``summary.json`` and ``results.md`` after every finished run, the
-    figures too at the end) covers the grid's runs only. ``progress``: a bar over the whole grid
-    (runs done of all, ETA) and a line per finished run; nothing with ``False``. An interruption
-    (Ctrl-C) or :class:`runners.RunsFailed` goes on to the caller once the summary is written.
+    figures too at the end) covers the grid's runs only, those that another command into ``out``
+    finished included: of two commands, the one that writes last writes the whole truth.
+    ``progress``: a bar over the whole grid (runs done of all, ETA) and a line per finished run;
+    nothing with ``False``. An interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the
+    caller once the summary is written.
     """
     configs = list(dict.fromkeys(configs))
     out = Path(out)
@@ -144,9 +147,17 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
     def ordered():
         return [records[c.run_id] for c in configs if c.run_id in records]
 
+    def summarize(figures):
+        if not records and not any((out / c.run_id / "record.json").is_file() for c in configs):
+            return  # no run finished: nothing to summarize
+        with _summary_lock(out):  # read and written as one: see _summary_lock
+            _finished_elsewhere(out, configs, records)
+            if records:
+                write_summary(out, configs, ordered(), kind=kind, figures=figures)
+
     def on_record(record):
         records[record["id"]] = record
-        write_summary(out, configs, ordered(), kind=kind, figures=False)
+        summarize(figures=False)
         if progress:
             final = record["final"]
             bar.write(f"{record['id']}: test acc {final['test_acc']:.2f} % (last 3 epochs "
@@ -159,9 +170,35 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
                        on_record=on_record)
     finally:
         bar.close()
-        if records:
-            write_summary(out, configs, ordered(), kind=kind)
+        summarize(figures=True)
     return ordered()
+
+
+def _finished_elsewhere(out, configs, records):
+    """Add to ``records`` the grid's runs that another process (a second command into ``out``)
+    finished since they were last looked for."""
+    for config in configs:
+        if config.run_id not in records and (out / config.run_id / "record.json").is_file():
+            with contextlib.suppress(run_lib.RunFolderError):  # broken or another's: the grid's start said so
+                record = run_lib.finished_record(out / config.run_id, config)
+                if record is not None:
+                    records[config.run_id] = record
+
+
+@contextlib.contextmanager
+def _summary_lock(out):
+    """Hold ``out/.lock`` while a summary is read and written: of two commands into one folder, the
+    one that writes last has read every record the other wrote before. (Nothing where ``fcntl`` is
+    missing, i.e. on Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(Path(out) / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
 
 
 def _progress_bar(*, total, done, enabled):

@@ -4,6 +4,7 @@ says, and one line when Ray is missing."""
 import contextlib
 import importlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -357,6 +358,19 @@ def test_summary_only_needs_no_ray(tmp_path, capsys, monkeypatch):
     code, out, err = call_main(study.main, ["batch", "--smoke", "--norms", "bn", "--batch-sizes", "512",
                                             "--runner", "ray", "--summary-only", "--out", str(tmp_path)], capsys)
     assert code == 0 and err == "" and "| BN | 50.00 |" in out
+
+
+def test_a_run_another_command_trains_is_left_to_it_not_failed(tmp_path):
+    # Issue 22, item 6, for Ray: a run whose folder another process holds is said and skipped.
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
+    lines, failures = [], {}
+    runner = ray_runner.RayRunner(log=lines.append)
+    run_dir = tmp_path / GRID[0].run_id
+    run_dir.mkdir()
+    with run_lib.folder_lock(run_dir):
+        assert not runner._claim(run_dir, GRID[0], failures)
+    assert failures == {} and lines == [f"ray: {GRID[0].run_id}: in use by process {os.getpid()}, another command "
+                                        "that trains it; left to it"]
 
 
 def write_fake_record(out, config, acc=50.0):

@@ -2,6 +2,7 @@
 summary tables and figures, the command line. Runs use tiny synthetic data (128 training images,
 batches of 64: two steps an epoch) and draw no per-run figures."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -403,3 +404,79 @@ def test_a_broken_record_in_the_grid_is_one_line_naming_it(tmp_path, capsys, mon
     assert err.strip().splitlines() == [
         f"python -m normstudy.study: error: {folder / 'record.json'}: unreadable record (missing recipe, device, "
         "params, final, history); move the folder away to rerun"]
+
+
+# --- issue 22 -----------------------------------------------------------------------------------
+
+def full_record(config, acc=50.0):
+    """A finished run's record as run._train writes it (every key a record has), without training."""
+    n = config.epochs
+    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
+               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+    return {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
+            "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
+            "history": history, "seconds": 1.0}
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_run_another_command_trains_is_waited_for_not_failed(tmp_path, tiny_data, monkeypatch, concurrency):
+    """Item 6: two commands into one folder each trained their share, then both exited 3 with "runs
+    failed: ... in use by process N". A run held by another process is waited for (after the
+    others), then delivered as finished; nothing fails, the summary counts every run."""
+    grid = small_grid(norms=("bn", "ln", "gn"))
+    held = grid[1]
+    run_dir = tmp_path / held.run_id
+    run_dir.mkdir()
+    locked, finish = threading.Event(), threading.Event()
+
+    def other_command():  # holds the run's folder until told, then finishes the run and lets go
+        with run_lib.folder_lock(run_dir):
+            locked.set()
+            finish.wait(60)
+            (run_dir / "config.json").write_text(json.dumps(held.to_dict()))
+            (run_dir / "record.json").write_text(json.dumps(full_record(held)))
+    other = threading.Thread(target=other_command)
+    other.start()
+    locked.wait(10)
+    lines, trained = [], []
+    real_train = run_lib._train
+    monkeypatch.setattr(run_lib, "_train", lambda config, *a, **k: trained.append(config.run_id) or real_train(
+        config, *a, **k))
+
+    def log(line):
+        lines.append(line)
+        if "waiting for it" in line:
+            finish.set()
+    try:
+        records = study.run_grid(grid, tmp_path, runner=LocalRunner(concurrency, log=log, figures=False),
+                                 progress=False)
+    finally:
+        finish.set()
+        other.join()
+    assert sorted(trained) == sorted(c.run_id for c in grid if c != held)  # each run trained once
+    assert [r["id"] for r in records] == [c.run_id for c in grid]
+    assert f"{held.run_id}: in use by process {os.getpid()}, another command that trains it; waiting for it to " \
+           "finish, after the other runs" in lines
+    assert "3 of 3 runs finished" in (tmp_path / "results.md").read_text()
+
+
+def test_the_summary_counts_runs_another_command_finished(tmp_path):
+    """Item 6: results.md said "3 of 6 runs finished" when all 6 had (the other command's runs
+    were missing from it): the summary written last reads every finished run of the grid."""
+    grid = study.batch_grid(norms=("bn", "gn"), batch_sizes=(64,), seeds=(0,), epochs=1, data="synthetic")
+
+    class OtherCommandFinishesOne:  # a runner during whose work another process finished grid[0]
+        def run(self, configs, *, out, on_record, **kwargs):
+            write_record(out, configs[0])
+            record = write_record(out, configs[1])
+            on_record(record)
+    study.run_grid(grid, tmp_path, runner=OtherCommandFinishesOne(), progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] == 2 and "2 of 2 runs finished" in (tmp_path / "results.md").read_text()
+
+
+def write_record(out, config):
+    (Path(out) / config.run_id).mkdir(parents=True, exist_ok=True)
+    record = full_record(config)
+    (Path(out) / config.run_id / "record.json").write_text(json.dumps(record))
+    return record

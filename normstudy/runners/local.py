@@ -16,9 +16,15 @@ does: its last complete epoch is in its checkpoint. With threads, the running ru
 end of their current epoch, its checkpoint written (a second Ctrl-C quits without waiting: the
 command ends its process at once, see :mod:`normstudy.stopping`; called in-process, the threads
 are daemons and die with the process).
+
+A run whose folder another process holds (a second command into the same ``out``) is not a
+failure: it goes to the back of the queue and is tried again, once a second, after the others;
+when its holder has finished it, its record is delivered as any finished run's.
 """
+import collections
 import queue
 import threading
+import time
 
 import torch
 
@@ -27,8 +33,42 @@ from .. import runtime as runtime_lib
 from .base import RunsFailed, failure_line
 
 
+BUSY_POLL_SECONDS = 1.0  # how often a run whose folder another process holds is tried again
+
+
 class _Stopped(Exception):
     """Raised inside a worker thread at an epoch boundary once the runner is told to stop."""
+
+
+class _Todo:
+    """The runs left to start, in order, for any number of threads. A run whose folder another
+    process holds (:meth:`busy`) goes to the back, behind every run not tried yet, and is tried
+    again after a pause (its holder may have finished it meanwhile); ``log`` hears of it once."""
+
+    def __init__(self, configs, log):
+        self._left = collections.deque(configs)
+        self._busy = set()
+        self._lock = threading.Lock()
+        self._log = log
+
+    def take(self, pause=time.sleep):
+        """The next run, or ``None`` when none is left; ``pause(seconds)`` before a busy one."""
+        with self._lock:
+            if not self._left:
+                return None
+            config = self._left.popleft()
+        if config.run_id in self._busy:
+            pause(BUSY_POLL_SECONDS)
+        return config
+
+    def busy(self, config, err):
+        with self._lock:
+            self._left.append(config)
+            first = config.run_id not in self._busy
+            self._busy.add(config.run_id)
+        if first and self._log is not None:
+            self._log(f"{config.run_id}: in use by {err.holder}, another command that trains it; waiting for "
+                      "it to finish, after the other runs")
 
 
 def _quietly(on_record):
@@ -100,9 +140,13 @@ class LocalRunner:
 
     def _run_in_turn(self, configs, *, on_record, **options):
         failures = {}
-        for config in configs:
+        todo = _Todo(configs, self.log)
+        while (config := todo.take()) is not None:
             try:
                 record = self._run_one(config, **options)
+            except run_lib.RunFolderBusy as err:
+                todo.busy(config, err)
+                continue
             except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
                 failures[config.run_id] = failure_line(err)
                 continue
@@ -110,9 +154,7 @@ class LocalRunner:
         return failures
 
     def _run_in_threads(self, configs, *, on_record, device, **options):
-        todo = queue.SimpleQueue()
-        for config in configs:
-            todo.put(config)
+        todo = _Todo(configs, self.log)
         results = queue.SimpleQueue()  # (kind, config, payload); kind "done" once per worker
         stop = threading.Event()
 
@@ -124,9 +166,8 @@ class LocalRunner:
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             try:
                 while not stop.is_set():
-                    try:
-                        config = todo.get_nowait()
-                    except queue.Empty:
+                    config = todo.take(pause=stop.wait)
+                    if config is None or stop.is_set():
                         return
                     try:
                         if stream is not None:
@@ -136,6 +177,9 @@ class LocalRunner:
                         else:
                             record = self._run_one(config, device=device, epoch_hook=check_stop, **options)
                     except _Stopped:
+                        continue
+                    except run_lib.RunFolderBusy as err:
+                        todo.busy(config, err)
                         continue
                     except BaseException as err:  # noqa: BLE001 - reported to the driver thread
                         results.put(("failed", config, err))

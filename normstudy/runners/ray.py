@@ -247,13 +247,16 @@ class RayRunner:
         if failures:
             raise RunsFailed(failures)
 
-    @staticmethod
-    def _claim(run_dir, config, failures):
-        """Claim ``run_dir`` for ``config`` (as run_one does); a refused folder fails its run."""
+    def _claim(self, run_dir, config, failures):
+        """Claim ``run_dir`` for ``config`` (as run_one does); a refused folder fails its run, and
+        one that another process trains in is left to it (said in one line)."""
         try:
             run_lib.claim_folder(run_dir, config)
             with run_lib.folder_lock(run_dir):  # refused now if another process trains in it
                 pass
+        except run_lib.RunFolderBusy as err:
+            self.log(f"ray: {config.run_id}: in use by {err.holder}, another command that trains it; left to it")
+            return False
         except run_lib.RunFolderError as err:
             failures[config.run_id] = failure_line(err)
             return False
