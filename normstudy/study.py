@@ -119,18 +119,19 @@ def write_figures(out, summary):
 
 
 def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, device="auto", runtime=None,
-             progress=True, kind=None):
+             progress=True, kind=None, restart=False):
     """Run every unfinished config of ``configs`` into ``out`` and return all their records (in
     the order of ``configs``; unfinished ones missing).
 
     Finished runs (``OUT/<run id>/record.json``) are skipped; the rest go through ``runner``
-    (default ``LocalRunner()``), interrupted ones resuming from their checkpoints. The summary
-    (:func:`write_summary`: ``summary.json`` and ``results.md`` after every finished run, the
-    figures too at the end) covers the grid's runs only, those that another command into ``out``
-    finished included: of two commands, the one that writes last writes the whole truth.
-    ``progress``: a bar over the whole grid (runs done of all, ETA) and a line per finished run;
-    nothing with ``False``. An interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the
-    caller once the summary is written.
+    (default ``LocalRunner()``), interrupted ones resuming from their checkpoints, or with
+    ``restart`` starting over (their checkpoints deleted). The summary (:func:`write_summary`:
+    ``summary.json`` and ``results.md`` after every finished run, the figures too at the end)
+    covers the grid's runs only, those that another command into ``out`` finished included: of two
+    commands, the one that writes last writes the whole truth. ``progress``: a bar over the whole
+    grid (runs done of all, ETA) and a line per finished run; nothing with ``False``. An
+    interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the caller once the summary is
+    written.
     """
     configs = list(dict.fromkeys(configs))
     out = Path(out)
@@ -142,6 +143,8 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
         if record is not None:
             records[config.run_id] = record
     todo = [config for config in configs if config.run_id not in records]
+    if restart:
+        _discard_checkpoints(out, todo)
     bar = _progress_bar(total=len(configs), done=len(records), enabled=progress)
 
     def ordered():
@@ -200,6 +203,17 @@ def _summary_lock(out):
         yield
 
 
+def _discard_checkpoints(out, configs):
+    """``--restart``: the interrupted runs among ``configs`` start over: each one's checkpoint is
+    deleted, holding its folder's lock. A folder that another process trains in is left to it."""
+    for config in configs:
+        run_dir = out / config.run_id
+        if not (run_dir / "checkpoint.pt").exists():
+            continue
+        with contextlib.suppress(run_lib.RunFolderBusy), run_lib.folder_lock(run_dir):
+            if run_lib.read_record(run_dir) is None:  # not finished meanwhile
+                (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+
 
 def _progress_bar(*, total, done, enabled):
     from .loop import tqdm  # tqdm.auto where ipywidgets is installed (a widget in notebooks)
@@ -241,6 +255,8 @@ def parse_args(argv=None):
                    help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
     p.add_argument("--summary-only", action="store_true",
                    help="train nothing: rewrite summary.json, results.md and the figures from the finished runs")
+    p.add_argument("--restart", action="store_true",
+                   help="start the grid's interrupted runs over, discarding their checkpoints (e.g. a damaged one)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
     return p.parse_args(argv)
 
@@ -287,9 +303,10 @@ def _study(args, out):
         print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
     try:
         run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
-                 device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
+                 device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid,
+                 restart=args.restart)
     except RunsFailed as err:
-        print(f"{PROG}: {err}; the other runs finished (see {out / 'results.md'})", file=sys.stderr)
+        print(f"{PROG}: {err}; {_after_failures(err, configs, out)}", file=sys.stderr)
         return cli.EXIT_DIVERGED
     if not args.quiet:
         print((out / "results.md").read_text())
@@ -298,12 +315,25 @@ def _study(args, out):
 def _summary_only(args, configs, out):
     """``--summary-only``: the summary of the grid's finished runs, training nothing (so with no
     runner: ``--runner ray`` needs no Ray)."""
+    if args.restart:
+        raise ValueError("--restart trains; it does not go with --summary-only")
     if args.runner == "local":
         make_runner("local", address=args.address)  # refuses what the local runner does not take
     cli._writable_dir(out)
     write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
     if not args.quiet:
         print((out / "results.md").read_text())
+
+
+def _after_failures(failed, configs, out):
+    """What the line about failed runs ends with: how many of the grid finished, and where their
+    table is (only if one was written); for a refused checkpoint, how to start its run over."""
+    finished = sum((out / config.run_id / "record.json").is_file() for config in configs)
+    text = (f"{finished} of {len(configs)} runs have finished (see {out / 'results.md'})" if finished
+            else "no run of the grid has finished")
+    if any(why.startswith(f"{checkpoints.CheckpointError.__name__}: ") for why in failed.failures.values()):
+        text += "; run again with --restart to start the interrupted runs over, discarding their checkpoints"
+    return text
 
 
 def _finished_records(configs, out):

@@ -480,3 +480,28 @@ def write_record(out, config):
     record = full_record(config)
     (Path(out) / config.run_id / "record.json").write_text(json.dumps(record))
     return record
+
+
+def test_failures_say_truly_what_finished_and_a_refused_checkpoint_names_restart(tmp_path, tiny_data, capsys):
+    """Item 7: with no run finished the failure line pointed to a results.md never written, and a
+    refused checkpoint gave no way forward: the study command takes --restart, and says so."""
+    damaged = RunConfig(norm="bn", batch_size=64, epochs=1, data="synthetic")
+    argv = ["batch", "--smoke", "--norms", "bn", "--batch-sizes", "64", "--quiet", "--out", str(tmp_path)]
+    (tmp_path / damaged.run_id).mkdir()
+    (tmp_path / damaged.run_id / "checkpoint.pt").write_bytes(b"half a checkpoint")
+    code, _, err = run_main(argv, capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"python -m normstudy.study: 1 run failed: {damaged.run_id}: CheckpointError: ")
+    assert err.strip().endswith("; no run of the grid has finished; run again with --restart to start the "
+                                "interrupted runs over, discarding their checkpoints")
+    assert not (tmp_path / "results.md").exists()
+
+    write_record(tmp_path, RunConfig(norm="bn", batch_size=32, epochs=1, data="synthetic"))  # a run finished before
+    code, _, err = run_main(argv[:-4] + ["32", "64", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 3 and f"; 1 of 2 runs have finished (see {tmp_path / 'results.md'}); run again with " \
+                         "--restart" in err
+    assert "1 of 2 runs finished" in (tmp_path / "results.md").read_text()
+
+    code, _, err = run_main(argv + ["--restart"], capsys)
+    assert code == 0, err
+    assert run_lib.read_record(tmp_path / damaged.run_id)["history"]["test_acc"]
