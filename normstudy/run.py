@@ -222,6 +222,7 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
         record = {"id": config.run_id, "config": config.to_dict(), "recipe": recipe,
                   "device": runtime_lib.device_name(device), "runtime": runtime,
                   "evaluated_on": f"{config.holdout} held-out training images" if config.holdout else "test set",
+                  "data_fingerprint": data_lib.fingerprint(dataset),  # what it trained on (scripts/redraw_figures.py)
                   "params": sum(p.numel() for p in model.parameters()),
                   "final": {**summary_figures(history), "test_acc_tta_flip": tta},
                   "history": history, "seconds": time.perf_counter() - start}
