@@ -102,3 +102,18 @@ def test_redraw_bad_input_is_one_line(tmp_path, cifar_dir, capsys):
         f"redraw_figures.py: error: {tmp_path / 'run' / 'record.json'}: unreadable record (")
     code, _, err = call_main(redraw.main, ["--results", str(tmp_path), "--bogus"], capsys)
     assert code == 2 and "unrecognized arguments: --bogus" in one_line(err)
+
+
+def test_run_notebooks_bad_input_is_one_line(tmp_path, capsys):
+    """Item 9: `run_notebooks.py nope.ipynb` ended in a FileNotFoundError traceback. Every path is
+    read before any notebook runs."""
+    command = script("run_notebooks").command
+    notebook = tmp_path / "fine.ipynb"
+    notebook.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    code, _, err = call_main(command, [str(notebook), "nope.ipynb"], capsys)
+    assert code == 2 and one_line(err) == "run_notebooks.py: error: nope.ipynb: No such file or directory"
+    (tmp_path / "text.ipynb").write_text("not a notebook")
+    code, _, err = call_main(command, [str(tmp_path / "text.ipynb")], capsys)
+    assert code == 2 and one_line(err).startswith(f"run_notebooks.py: error: {tmp_path / 'text.ipynb'}: not a notebook")
+    code, _, err = call_main(command, [], capsys)
+    assert code == 2 and "the following arguments are required: notebooks" in one_line(err)
