@@ -314,13 +314,18 @@ def _study(args, out):
 
 def _summary_only(args, configs, out):
     """``--summary-only``: the summary of the grid's finished runs, training nothing (so with no
-    runner: ``--runner ray`` needs no Ray)."""
+    runner: ``--runner ray`` needs no Ray). With no finished run it says so and writes nothing."""
     if args.restart:
         raise ValueError("--restart trains; it does not go with --summary-only")
     if args.runner == "local":
         make_runner("local", address=args.address)  # refuses what the local runner does not take
+    records = _finished_records(configs, out) if out.is_dir() else []
+    if not records:
+        if not args.quiet:
+            print(f"no finished runs of this grid in {out} (0 of {len(configs)}): nothing to summarize")
+        return
     cli._writable_dir(out)
-    write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
+    write_summary(out, configs, records, kind=args.grid)
     if not args.quiet:
         print((out / "results.md").read_text())
 

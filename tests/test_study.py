@@ -505,3 +505,23 @@ def test_failures_say_truly_what_finished_and_a_refused_checkpoint_names_restart
     code, _, err = run_main(argv + ["--restart"], capsys)
     assert code == 0, err
     assert run_lib.read_record(tmp_path / damaged.run_id)["history"]["test_acc"]
+
+
+def test_summary_only_with_no_finished_run_says_so_and_writes_nothing(tmp_path, capsys):
+    """Item 10: --summary-only on an empty folder printed an empty table ("| norm |  |")."""
+    code, out, err = run_main(["batch", "--smoke", "--summary-only", "--out", str(tmp_path)], capsys)
+    assert code == 0 and err == ""
+    assert out.strip() == f"no finished runs of this grid in {tmp_path} (0 of 6): nothing to summarize"
+    assert list(tmp_path.iterdir()) == []
+    summary = study_report.summarize_grid([], small_grid())
+    assert study_report.results_markdown(summary) == "# Test error vs batch size\n\nNo finished runs yet (0 of 2).\n"
+
+
+def test_one_seed_has_no_spread_to_show():
+    """Item 10: a one-seed table showed "85.02 ± 0.00 %" (results/fp16-check/results.md)."""
+    from normstudy import report
+    one, two = RunConfig("bn", epochs=1), RunConfig("bn", epochs=1, seed=1)
+    row = report.results_table(report.summarize([full_record(one)])).splitlines()[2]
+    assert row.startswith("| BatchNorm | 512 | 48,736 | 1 | 50.00 % | 50.00 % | 50.00 % |") and "±" not in row
+    row = report.results_table(report.summarize([full_record(one), full_record(two, acc=60.0)])).splitlines()[2]
+    assert row.startswith("| BatchNorm | 512 | 48,736 | 2 | 55.00 ± 7.07 % | 55.00 ± 7.07 % | 50.00 % |")
