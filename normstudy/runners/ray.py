@@ -97,11 +97,12 @@ def init_ray(address=None, **kwargs):
     package travels to every worker (``runtime_env.py_modules``), so nodes need only its
     requirements. ``kwargs`` go to ``ray.init`` (e.g. ``num_cpus`` for an embedded Ray).
     Returns True if this call connected (and so should ``ray.shutdown()``), False if Ray was
-    connected already. Raises :class:`RayUnavailableError` if no cluster answers."""
+    connected already. Raises :class:`RayUnavailableError` if no cluster answers (an address that
+    is not a Ray cluster's is refused even then: it is a mistake either way)."""
     ray = import_ray()
+    _check_answers(address)
     if ray.is_initialized():
         return False
-    _check_answers(address)
     runtime_env = kwargs.pop("runtime_env", None) or {}
     runtime_env = {**runtime_env, "py_modules": [*runtime_env.get("py_modules", []), str(PACKAGE_DIR)],
                    "excludes": [*runtime_env.get("excludes", []), "__pycache__", "*.pyc"]}
