@@ -142,7 +142,10 @@ def exit_code(prog, body, *, kept):
     however many, are handled as :mod:`normstudy.stopping` says."""
     with stopping.handled(prog, kept):
         try:
-            return body() or 0
+            try:
+                return body() or 0
+            finally:
+                stopping.work_done()
         except KeyboardInterrupt:
             stopping.say(signal.SIGINT)
             return EXIT_INTERRUPTED

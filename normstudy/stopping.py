@@ -78,6 +78,13 @@ def handled(prog, kept):
             _state.phase = None
 
 
+def work_done():
+    """The command's work has ended (returned or raised): from now on a signal quits at once rather
+    than raise into the lines that report how it ended."""
+    if _state.owns_process and _state.phase == "working":
+        _state.phase = "done"
+
+
 def say(signum):
     """The command's one line for ``signum`` on stderr (once): ``PROG: interrupted; KEPT``."""
     if _state.said or _state.saying:
