@@ -8,7 +8,11 @@
 """
 import sys
 
-from normstudy.cli import main
+if __name__ == "__main__":  # first: importing torch (below) takes seconds, and a Ctrl-C meanwhile is one line too
+    from normstudy import stopping
+    stopping.install("train.py")
+
+from normstudy.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

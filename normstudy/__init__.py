@@ -2,6 +2,7 @@
 
 One module per concern, each importing only from the ones listed before it:
 
+    stopping    how a command stops on Ctrl-C or SIGTERM (one line, exit 130 or 143); imported first
     config      RunConfig: a run as a value, its id and its recipe
     recipe      the hyper-parameters (units, types, ranges), optimizer, schedule, initialization
     data        CIFAR-10 files, checks, device-side augmentation, synthetic data

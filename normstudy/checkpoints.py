@@ -13,11 +13,13 @@ import io
 import json
 import os
 import secrets
+import threading
 from pathlib import Path
 
 import torch
 
 CHECKPOINT_FORMAT = 2  # 2: saved with a checksum (save_torch)
+WRITING = {}  # thread id -> the temporary file it is writing: what a process ending at once waits for (stopping.py)
 
 
 class CheckpointError(ValueError):
@@ -47,6 +49,7 @@ def atomic_write(path, write):
     tmp = None
     try:
         fd, tmp = _create_temporary(path)
+        WRITING[threading.get_ident()] = tmp
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -60,6 +63,8 @@ def atomic_write(path, write):
         if isinstance(err, OSError):
             raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
         raise
+    finally:
+        WRITING.pop(threading.get_ident(), None)
 
 
 def _sync_folder(folder):

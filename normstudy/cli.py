@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoints
+from . import stopping
 from . import data as data_lib
 from . import recipe as recipe_lib
 from . import report
@@ -18,7 +19,8 @@ from . import run as run_lib
 from . import runtime as runtime_lib
 from .config import NORMS, RunConfig
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 130, 143
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = stopping.EXIT_INTERRUPTED, stopping.EXIT_TERMINATED
 DESCRIPTION = "Train the study's CNN on CIFAR-10 with BatchNorm, LayerNorm and/or GroupNorm."
 EPILOG = f"""\
 Each run writes OUT/<run id>/ (config.json, checkpoint.pt, record.json, weights.pt, curves.png,
@@ -117,10 +119,6 @@ def configs_from_args(args):
             for norm in norms for seed in seeds]
 
 
-def _terminate(signum, frame):
-    raise SystemExit(EXIT_TERMINATED)  # unwinds like Ctrl-C: temporary files removed, checkpoint kept
-
-
 def _finished_already(config, out, record, *, runtime=None):
     """The line for a run that is not trained again. The runtime is not part of a run's id (it
     changes the speed, not the experiment), so ``--runtime`` into a folder that holds the run
@@ -140,20 +138,24 @@ BAD_INPUT = (data_lib.DatasetError, checkpoints.CheckpointError, run_lib.RunFold
 def exit_code(prog, body, *, kept):
     """Run a command's ``body()`` and return its exit code (``body``'s own, else 0), saying in one
     line on stderr how it ended otherwise: bad input (:data:`BAD_INPUT`, exit 2), Ctrl-C (130) or
-    SIGTERM (143, re-raised), the last two with ``kept``: what is saved and how to go on."""
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return body() or 0
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {kept}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except SystemExit as stop:
-        if stop.code == EXIT_TERMINATED:
-            print(f"{prog}: terminated; {kept}", file=sys.stderr)
-        raise
-    except BAD_INPUT as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    SIGTERM (143, re-raised), the last two with ``kept``: what is saved and how to go on. Signals,
+    however many, are handled as :mod:`normstudy.stopping` says."""
+    with stopping.handled(prog, kept):
+        try:
+            try:
+                return body() or 0
+            finally:
+                stopping.work_done()
+        except KeyboardInterrupt:
+            stopping.say(signal.SIGINT)
+            return EXIT_INTERRUPTED
+        except SystemExit as stop:
+            if stop.code == EXIT_TERMINATED:
+                stopping.say(signal.SIGTERM)
+            raise
+        except BAD_INPUT as err:
+            print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
 
 def main(argv=None):

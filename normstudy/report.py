@@ -62,14 +62,16 @@ def mean_history(records, cell):
 
 
 def results_table(summary):
-    """The summary as a markdown table, one row per cell, mean ± standard deviation over seeds."""
+    """The summary as a markdown table, one row per cell, mean ± standard deviation over seeds (the
+    mean alone for one seed: it has no spread to show)."""
     lines = ["| variant | batch | params | seeds | train acc (last epoch) | test acc (mean of last 3 epochs) "
              "| worst of last 3 | best test acc | test acc, flip TTA | s/epoch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
         cells = [mean_std(s[k]) for k in ("train_acc", "test_acc_last3_mean")]
         lines.append(f"| {s['label']} | {s['batch_size']} | {s['params']:,} | {len(s['seeds'])} | "
-                     + " | ".join(f"{m:.2f} ± {sd:.2f} %" for m, sd in cells)
+                     + " | ".join(f"{m:.2f} ± {sd:.2f} %" if len(s["seeds"]) > 1 else f"{m:.2f} %"
+                                  for m, sd in cells)
                      + f" | {min(s['test_acc_last3_min']):.2f} % | {max(s['test_acc_best']):.2f} % | "
                      f"{statistics.mean(s['test_acc_tta_flip']):.2f} % | "
                      f"{statistics.mean(s['seconds_per_epoch']):.2f} |")

@@ -41,6 +41,14 @@ class RunFolderError(ValueError):
     """A run folder belongs to another configuration, is in use, or holds an interrupted run."""
 
 
+class RunFolderBusy(RunFolderError):
+    """A run folder is in use: another process (``holder``, e.g. "process 1234") trains the run."""
+
+    def __init__(self, message, holder):
+        super().__init__(message)
+        self.holder = holder
+
+
 def load_data(config, *, data_dir="./data", download=True):
     """The dataset ``config`` trains on: CIFAR-10 from ``data_dir`` (or small synthetic data), with
     ``config.holdout`` training images held out as its test set when asked."""
@@ -110,7 +118,7 @@ def summary_figures(history):
 
 @contextlib.contextmanager
 def folder_lock(run_dir):
-    """Hold ``run_dir/.lock`` while training; a second process gets :class:`RunFolderError` naming
+    """Hold ``run_dir/.lock`` while training; a second process gets :class:`RunFolderBusy` naming
     the one holding it. (No-op where ``fcntl`` is missing, i.e. on Windows.)"""
     try:
         import fcntl
@@ -124,7 +132,8 @@ def folder_lock(run_dir):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise RunFolderError(f"{run_dir} is in use by {holder}; wait for it or use another --out") from None
+            raise RunFolderBusy(f"{run_dir} is in use by {holder}; wait for it or use another --out",
+                                holder) from None
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()}")
@@ -233,6 +242,7 @@ def finish_run(config, run_dir, *, model, history, runtime, device, dataset, fig
         record = {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe,
                   "device": runtime_lib.device_name(device), "runtime": runtime,
                   "evaluated_on": f"{config.holdout} held-out training images" if config.holdout else "test set",
+                  "data_fingerprint": data_lib.fingerprint(dataset),  # what it trained on (scripts/redraw_figures.py)
                   "params": sum(p.numel() for p in model.parameters()),
                   "final": {**summary_figures(history), "test_acc_tta_flip": tta},
                   "history": history, "seconds": seconds, **(extra or {})}

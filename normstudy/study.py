@@ -16,8 +16,13 @@ Bad input ends with one line on stderr and exit 2; failed (e.g. diverged) runs w
 the others are done; Ctrl-C or SIGTERM with exit 130 or 143, finished runs and checkpoints kept.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # first: importing torch (below) takes seconds, and a Ctrl-C meanwhile is one line too
+    from normstudy import stopping
+    stopping.install("python -m normstudy.study")
 
 from . import checkpoints
 from . import cli
@@ -114,16 +119,19 @@ def write_figures(out, summary):
 
 
 def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, device="auto", runtime=None,
-             progress=True, kind=None):
+             progress=True, kind=None, restart=False):
     """Run every unfinished config of ``configs`` into ``out`` and return all their records (in
     the order of ``configs``; unfinished ones missing).
 
     Finished runs (``OUT/<run id>/record.json``) are skipped; the rest go through ``runner``
-    (default ``LocalRunner()``), interrupted ones resuming from their checkpoints. The summary
-    (:func:`write_summary`: ``summary.json`` and ``results.md`` after every finished run, the
-    figures too at the end) covers the grid's runs only. ``progress``: a bar over the whole grid
-    (runs done of all, ETA) and a line per finished run; nothing with ``False``. An interruption
-    (Ctrl-C) or :class:`runners.RunsFailed` goes on to the caller once the summary is written.
+    (default ``LocalRunner()``), interrupted ones resuming from their checkpoints, or with
+    ``restart`` starting over (their checkpoints deleted). The summary (:func:`write_summary`:
+    ``summary.json`` and ``results.md`` after every finished run, the figures too at the end)
+    covers the grid's runs only, those that another command into ``out`` finished included: of two
+    commands, the one that writes last writes the whole truth. ``progress``: a bar over the whole
+    grid (runs done of all, ETA) and a line per finished run; nothing with ``False``. An
+    interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the caller once the summary is
+    written.
     """
     configs = list(dict.fromkeys(configs))
     out = Path(out)
@@ -135,14 +143,24 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
         if record is not None:
             records[config.run_id] = record
     todo = [config for config in configs if config.run_id not in records]
+    if restart:
+        _discard_checkpoints(out, todo)
     bar = _progress_bar(total=len(configs), done=len(records), enabled=progress)
 
     def ordered():
         return [records[c.run_id] for c in configs if c.run_id in records]
 
+    def summarize(figures):
+        if not records and not any((out / c.run_id / "record.json").is_file() for c in configs):
+            return  # no run finished: nothing to summarize
+        with _summary_lock(out):  # read and written as one: see _summary_lock
+            _finished_elsewhere(out, configs, records)
+            if records:
+                write_summary(out, configs, ordered(), kind=kind, figures=figures)
+
     def on_record(record):
         records[record["id"]] = record
-        write_summary(out, configs, ordered(), kind=kind, figures=False)
+        summarize(figures=False)
         if progress:
             final = record["final"]
             bar.write(f"{record['id']}: test acc {final['test_acc']:.2f} % (last 3 epochs "
@@ -155,9 +173,46 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
                        on_record=on_record)
     finally:
         bar.close()
-        if records:
-            write_summary(out, configs, ordered(), kind=kind)
+        summarize(figures=True)
     return ordered()
+
+
+def _finished_elsewhere(out, configs, records):
+    """Add to ``records`` the grid's runs that another process (a second command into ``out``)
+    finished since they were last looked for."""
+    for config in configs:
+        if config.run_id not in records and (out / config.run_id / "record.json").is_file():
+            with contextlib.suppress(run_lib.RunFolderError):  # broken or another's: the grid's start said so
+                record = run_lib.finished_record(out / config.run_id, config)
+                if record is not None:
+                    records[config.run_id] = record
+
+
+@contextlib.contextmanager
+def _summary_lock(out):
+    """Hold ``out/.lock`` while a summary is read and written: of two commands into one folder, the
+    one that writes last has read every record the other wrote before. (Nothing where ``fcntl`` is
+    missing, i.e. on Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(Path(out) / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _discard_checkpoints(out, configs):
+    """``--restart``: the interrupted runs among ``configs`` start over: each one's checkpoint is
+    deleted, holding its folder's lock. A folder that another process trains in is left to it."""
+    for config in configs:
+        run_dir = out / config.run_id
+        if not (run_dir / "checkpoint.pt").exists():
+            continue
+        with contextlib.suppress(run_lib.RunFolderBusy), run_lib.folder_lock(run_dir):
+            if run_lib.read_record(run_dir) is None:  # not finished meanwhile
+                (run_dir / "checkpoint.pt").unlink(missing_ok=True)
 
 
 def _progress_bar(*, total, done, enabled):
@@ -205,6 +260,8 @@ def parse_args(argv=None):
                    help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
     p.add_argument("--summary-only", action="store_true",
                    help="train nothing: rewrite summary.json, results.md and the figures from the finished runs")
+    p.add_argument("--restart", action="store_true",
+                   help="start the grid's interrupted runs over, discarding their checkpoints (e.g. a damaged one)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
     return p.parse_args(argv)
 
@@ -246,23 +303,52 @@ def _study(args, out):
     """The study command's work: the grid (or only its summary), then its table. Failed runs end it
     with exit 3 once the others are done."""
     configs = configs_from_args(args)  # bad settings are refused before any data is read
+    if args.summary_only:
+        return _summary_only(args, configs, out)
     stack = args.stack
     runner = make_runner(args.runner, concurrency=args.concurrency, address=args.address,
                          log=None if args.quiet else _write_line, stack=stack)
     cli._writable_dir(out)
-    if args.summary_only:
-        write_summary(out, configs, _finished_records(configs, out), kind=args.grid)
-    else:
-        if not args.quiet:
-            print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
-        try:
-            run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
-                     device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid)
-        except RunsFailed as err:
-            print(f"{PROG}: {err}; the other runs finished (see {out / 'results.md'})", file=sys.stderr)
-            return cli.EXIT_DIVERGED
+    if not args.quiet:
+        print(f"{args.grid} grid: {len(configs)} runs into {out}", flush=True)
+    try:
+        run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
+                 device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid,
+                 restart=args.restart)
+    except RunsFailed as err:
+        print(f"{PROG}: {err}; {_after_failures(err, configs, out)}", file=sys.stderr)
+        return cli.EXIT_DIVERGED
     if not args.quiet:
         print((out / "results.md").read_text())
+
+
+def _summary_only(args, configs, out):
+    """``--summary-only``: the summary of the grid's finished runs, training nothing (so with no
+    runner: ``--runner ray`` needs no Ray). With no finished run it says so and writes nothing."""
+    if args.restart:
+        raise ValueError("--restart trains; it does not go with --summary-only")
+    if args.runner == "local":
+        make_runner("local", address=args.address)  # refuses what the local runner does not take
+    records = _finished_records(configs, out) if out.is_dir() else []
+    if not records:
+        if not args.quiet:
+            print(f"no finished runs of this grid in {out} (0 of {len(configs)}): nothing to summarize")
+        return
+    cli._writable_dir(out)
+    write_summary(out, configs, records, kind=args.grid)
+    if not args.quiet:
+        print((out / "results.md").read_text())
+
+
+def _after_failures(failed, configs, out):
+    """What the line about failed runs ends with: how many of the grid finished, and where their
+    table is (only if one was written); for a refused checkpoint, how to start its run over."""
+    finished = sum((out / config.run_id / "record.json").is_file() for config in configs)
+    text = (f"{finished} of {len(configs)} runs have finished (see {out / 'results.md'})" if finished
+            else "no run of the grid has finished")
+    if any(why.startswith(f"{checkpoints.CheckpointError.__name__}: ") for why in failed.failures.values()):
+        text += "; run again with --restart to start the interrupted runs over, discarding their checkpoints"
+    return text
 
 
 def _finished_records(configs, out):

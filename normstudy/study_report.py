@@ -178,6 +178,8 @@ def results_markdown(summary, *, title=None):
     devices = sorted({d for c in cells for d in c["devices"]})
     data = sorted({c["data"] for c in cells})
     title = title or ("Test error vs batch size" if kind == "batch" else "Test error vs number of groups")
+    if not cells:  # no table to show, not an empty one
+        return f"# {title}\n\nNo finished runs yet (0 of {summary['planned']}).\n"
     text = [f"# {title}", "",
             f"{summary['finished']} of {summary['planned']} runs finished; "
             f"epochs: {'/'.join(map(str, epochs)) or '?'}; seeds per cell: {'/'.join(map(str, seeds)) or '?'}; "

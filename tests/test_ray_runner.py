@@ -1,10 +1,18 @@
 """The Ray runner on CPU with an embedded Ray: the same records and files as run_one, no run lost
 or counted twice when a worker dies, interrupted runs continued, failures as the runners' interface
 says, and one line when Ray is missing."""
+import contextlib
 import importlib
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +28,7 @@ GRID = [RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=0)
         RunConfig(norm="gn", data="synthetic", epochs=1, batch_size=512, seed=1)]
 TWO_EPOCHS = RunConfig(norm="ln", data="synthetic", epochs=2, batch_size=512, seed=2)
 TIMING = {"seconds", "device"}  # record fields that differ between any two executions
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def comparable(record):
@@ -205,3 +214,173 @@ def test_an_address_where_nothing_listens_is_refused_at_once():
     assert time.monotonic() - start < 10
     for address in (None, "auto", "ray://head:10001"):  # Ray's to resolve
         ray_runner._check_answers(address)
+
+
+# --- issue 22: addresses, a broken Ray, runs of another command ---------------------------------
+
+@contextlib.contextmanager
+def listener(answer=None, host="127.0.0.1"):
+    """A TCP server on a free loopback port that accepts connections and, with ``answer(conn)``,
+    answers each; without one it says nothing. Yields its port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = socket.socket(family)
+    server.bind((host, 0))
+    server.listen()
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            accepted.append(conn)
+            if answer is not None:
+                with contextlib.suppress(OSError):
+                    answer(conn)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], accepted
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+
+
+def http_1(conn):  # what `python -m http.server` says to anything it does not understand
+    conn.recv(1024)
+    conn.sendall(b"HTTP/1.0 400 Bad request version\r\nContent-Type: text/html\r\n\r\n")
+
+
+def http_2(conn):  # what a gRPC server (Ray's GCS) opens with: a SETTINGS frame
+    conn.recv(1024)
+    conn.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+
+
+def test_an_address_that_listens_but_is_not_ray_is_refused_within_seconds(tmp_path, capsys, monkeypatch):
+    # Bug: --address at a port that listens but is not Ray (`python -m http.server 8265`) hung for
+    # minutes in Ray's retries, printing "Failed to connect to GCS", deaf to SIGTERM.
+    start = time.monotonic()
+    with listener(http_1) as (port, _):
+        with pytest.raises(ray_runner.RayUnavailableError, match=rf"^ray: 127.0.0.1:{port} answers, but not as a "
+                                                                 r"Ray cluster \(is it another service, such as the "):
+            ray_runner._check_answers(f"127.0.0.1:{port}")
+    with listener() as (port, _):  # accepts, then says nothing
+        with pytest.raises(ray_runner.RayUnavailableError, match=rf"^ray: 127.0.0.1:{port} accepts connections but "
+                                                                 r"does not answer as a Ray cluster within 0.5 s"):
+            ray_runner._check_answers(f"127.0.0.1:{port}", timeout=0.5)
+    with listener(http_2) as (port, _):
+        ray_runner._check_answers(f"127.0.0.1:{port}")  # speaks Ray's protocol: up to Ray
+    assert time.monotonic() - start < 10
+
+    # The command, in one line, before any run is claimed.
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
+    from conftest import call_main
+    from normstudy import study
+    monkeypatch.setattr(run_lib, "run_one", lambda *a, **k: pytest.fail("trained"))
+    with listener(http_1) as (port, _):
+        code, _, err = call_main(study.main, ["batch", "--smoke", "--runner", "ray", "--address", f"127.0.0.1:{port}",
+                                              "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"python -m normstudy.study: error: ray: 127.0.0.1:{port} answers, but not as a Ray cluster")
+    assert not any(tmp_path.iterdir())
+
+
+def test_signals_work_while_connecting(tmp_path):
+    # SIGTERM while the study waits for an address to answer: exit 143 in one line, at once.
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
+    with listener() as (port, accepted):
+        process = subprocess.Popen([sys.executable, "-m", "normstudy.study", "batch", "--smoke", "--runner", "ray",
+                                    "--address", f"127.0.0.1:{port}", "--quiet", "--out", str(tmp_path)],
+                                   cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not accepted:  # it connected, and waits for an answer
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+                time.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=4)  # it would give up on the address after 5 s
+        finally:
+            process.kill()
+    assert process.returncode == 143
+    assert err.strip().splitlines() == [f"python -m normstudy.study: terminated; finished runs are kept in {tmp_path} "
+                                        "and interrupted ones in their checkpoints (run the same command again to "
+                                        "continue)"]
+
+
+def test_ipv6_addresses_in_brackets_lose_their_brackets():
+    # Bug: `--address [::1]:PORT` with a Ray listening was refused: "Name or service not known".
+    assert ray_runner.host_port("[::1]:6379") == ("::1", 6379)
+    assert ray_runner.host_port("127.0.0.1:6379") == ("127.0.0.1", 6379)
+    assert ray_runner.host_port("head.example:6379") == ("head.example", 6379)
+    for address in (None, "auto", "ray://head:10001", "head"):
+        assert ray_runner.host_port(address) is None  # Ray's to resolve
+    if not socket.has_ipv6:
+        return
+    try:
+        context = listener(http_2, host="::1")
+        port, _ = context.__enter__()
+    except OSError:  # no IPv6 loopback here
+        return
+    try:
+        ray_runner._check_answers(f"[::1]:{port}")
+    finally:
+        context.__exit__(None, None, None)
+
+
+def test_a_real_ray_cluster_passes_the_check(ray_cluster):
+    ray_runner._check_answers(ray_cluster.get_runtime_context().gcs_address)
+
+
+@pytest.mark.parametrize("inside, why", [("import no_such_dependency_of_ray", "ModuleNotFoundError: No module named "
+                                                                            "'no_such_dependency_of_ray'"),
+                                         ("raise RuntimeError('protobuf too new')", "RuntimeError: protobuf too new")])
+def test_a_broken_ray_says_it_failed_to_import_and_why(tmp_path, monkeypatch, inside, why):
+    # Bug: an ImportError raised inside Ray said "needs Ray, which is not installed"; another
+    # exception while Ray imported ended in a traceback.
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text(inside + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    with pytest.raises(ValueError) as err:
+        normstudy.runners.make_runner("ray")
+    assert str(err.value) == (f"the ray runner could not import Ray, which is installed but failed ({why}); "
+                              "reinstall it: pip install -r requirements-ray.txt")
+
+
+def test_summary_only_needs_no_ray(tmp_path, capsys, monkeypatch):
+    from conftest import call_main
+    from normstudy import study
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    config = RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=0)
+    write_fake_record(tmp_path, config)
+    code, out, err = call_main(study.main, ["batch", "--smoke", "--norms", "bn", "--batch-sizes", "512",
+                                            "--runner", "ray", "--summary-only", "--out", str(tmp_path)], capsys)
+    assert code == 0 and err == "" and "| BN | 50.00 |" in out
+
+
+def test_a_run_another_command_trains_is_left_to_it_not_failed(tmp_path):
+    # Issue 22, item 6, for Ray: a run whose folder another process holds is said and skipped.
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-ray.txt); CI installs it")
+    lines, failures = [], {}
+    runner = ray_runner.RayRunner(log=lines.append)
+    run_dir = tmp_path / GRID[0].run_id
+    run_dir.mkdir()
+    with run_lib.folder_lock(run_dir):
+        assert not runner._claim(run_dir, GRID[0], failures)
+    assert failures == {} and lines == [f"ray: {GRID[0].run_id}: in use by process {os.getpid()}, another command "
+                                        "that trains it; left to it"]
+
+
+def write_fake_record(out, config, acc=50.0):
+    """A finished run's record as run._train writes it, without training."""
+    n = config.epochs
+    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
+               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+    record = {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
+              "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
+              "history": history, "seconds": 1.0}
+    (out / config.run_id).mkdir(parents=True, exist_ok=True)
+    (out / config.run_id / "record.json").write_text(json.dumps(record))
+    return record

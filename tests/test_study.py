@@ -2,6 +2,7 @@
 summary tables and figures, the command line. Runs use tiny synthetic data (128 training images,
 batches of 64: two steps an epoch) and draw no per-run figures."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -403,3 +404,124 @@ def test_a_broken_record_in_the_grid_is_one_line_naming_it(tmp_path, capsys, mon
     assert err.strip().splitlines() == [
         f"python -m normstudy.study: error: {folder / 'record.json'}: unreadable record (missing recipe, device, "
         "params, final, history); move the folder away to rerun"]
+
+
+# --- issue 22 -----------------------------------------------------------------------------------
+
+def full_record(config, acc=50.0):
+    """A finished run's record as run._train writes it (every key a record has), without training."""
+    n = config.epochs
+    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
+               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+    return {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
+            "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
+            "history": history, "seconds": 1.0}
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_run_another_command_trains_is_waited_for_not_failed(tmp_path, tiny_data, monkeypatch, concurrency):
+    """Item 6: two commands into one folder each trained their share, then both exited 3 with "runs
+    failed: ... in use by process N". A run held by another process is waited for (after the
+    others), then delivered as finished; nothing fails, the summary counts every run."""
+    grid = small_grid(norms=("bn", "ln", "gn"))
+    held = grid[1]
+    run_dir = tmp_path / held.run_id
+    run_dir.mkdir()
+    locked, finish = threading.Event(), threading.Event()
+
+    def other_command():  # holds the run's folder until told, then finishes the run and lets go
+        with run_lib.folder_lock(run_dir):
+            locked.set()
+            finish.wait(60)
+            (run_dir / "config.json").write_text(json.dumps(held.to_dict()))
+            (run_dir / "record.json").write_text(json.dumps(full_record(held)))
+    other = threading.Thread(target=other_command)
+    other.start()
+    locked.wait(10)
+    lines, trained = [], []
+    real_train = run_lib._train
+    monkeypatch.setattr(run_lib, "_train", lambda config, *a, **k: trained.append(config.run_id) or real_train(
+        config, *a, **k))
+
+    def log(line):
+        lines.append(line)
+        if "waiting for it" in line:
+            finish.set()
+    try:
+        records = study.run_grid(grid, tmp_path, runner=LocalRunner(concurrency, log=log, figures=False),
+                                 progress=False)
+    finally:
+        finish.set()
+        other.join()
+    assert sorted(trained) == sorted(c.run_id for c in grid if c != held)  # each run trained once
+    assert [r["id"] for r in records] == [c.run_id for c in grid]
+    assert f"{held.run_id}: in use by process {os.getpid()}, another command that trains it; waiting for it to " \
+           "finish, after the other runs" in lines
+    assert "3 of 3 runs finished" in (tmp_path / "results.md").read_text()
+
+
+def test_the_summary_counts_runs_another_command_finished(tmp_path):
+    """Item 6: results.md said "3 of 6 runs finished" when all 6 had (the other command's runs
+    were missing from it): the summary written last reads every finished run of the grid."""
+    grid = study.batch_grid(norms=("bn", "gn"), batch_sizes=(64,), seeds=(0,), epochs=1, data="synthetic")
+
+    class OtherCommandFinishesOne:  # a runner during whose work another process finished grid[0]
+        def run(self, configs, *, out, on_record, **kwargs):
+            write_record(out, configs[0])
+            record = write_record(out, configs[1])
+            on_record(record)
+    study.run_grid(grid, tmp_path, runner=OtherCommandFinishesOne(), progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] == 2 and "2 of 2 runs finished" in (tmp_path / "results.md").read_text()
+
+
+def write_record(out, config):
+    (Path(out) / config.run_id).mkdir(parents=True, exist_ok=True)
+    record = full_record(config)
+    (Path(out) / config.run_id / "record.json").write_text(json.dumps(record))
+    return record
+
+
+def test_failures_say_truly_what_finished_and_a_refused_checkpoint_names_restart(tmp_path, tiny_data, capsys):
+    """Item 7: with no run finished the failure line pointed to a results.md never written, and a
+    refused checkpoint gave no way forward: the study command takes --restart, and says so."""
+    damaged = RunConfig(norm="bn", batch_size=64, epochs=1, data="synthetic")
+    argv = ["batch", "--smoke", "--norms", "bn", "--batch-sizes", "64", "--quiet", "--out", str(tmp_path)]
+    (tmp_path / damaged.run_id).mkdir()
+    (tmp_path / damaged.run_id / "checkpoint.pt").write_bytes(b"half a checkpoint")
+    code, _, err = run_main(argv, capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"python -m normstudy.study: 1 run failed: {damaged.run_id}: CheckpointError: ")
+    assert err.strip().endswith("; no run of the grid has finished; run again with --restart to start the "
+                                "interrupted runs over, discarding their checkpoints")
+    assert not (tmp_path / "results.md").exists()
+
+    write_record(tmp_path, RunConfig(norm="bn", batch_size=32, epochs=1, data="synthetic"))  # a run finished before
+    code, _, err = run_main(argv[:-4] + ["32", "64", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 3 and f"; 1 of 2 runs have finished (see {tmp_path / 'results.md'}); run again with " \
+                         "--restart" in err
+    assert "1 of 2 runs finished" in (tmp_path / "results.md").read_text()
+
+    code, _, err = run_main(argv + ["--restart"], capsys)
+    assert code == 0, err
+    assert run_lib.read_record(tmp_path / damaged.run_id)["history"]["test_acc"]
+
+
+def test_summary_only_with_no_finished_run_says_so_and_writes_nothing(tmp_path, capsys):
+    """Item 10: --summary-only on an empty folder printed an empty table ("| norm |  |")."""
+    code, out, err = run_main(["batch", "--smoke", "--summary-only", "--out", str(tmp_path)], capsys)
+    assert code == 0 and err == ""
+    assert out.strip() == f"no finished runs of this grid in {tmp_path} (0 of 6): nothing to summarize"
+    assert list(tmp_path.iterdir()) == []
+    summary = study_report.summarize_grid([], small_grid())
+    assert study_report.results_markdown(summary) == "# Test error vs batch size\n\nNo finished runs yet (0 of 2).\n"
+
+
+def test_one_seed_has_no_spread_to_show():
+    """Item 10: a one-seed table showed "85.02 ± 0.00 %" (results/fp16-check/results.md)."""
+    from normstudy import report
+    one, two = RunConfig("bn", epochs=1), RunConfig("bn", epochs=1, seed=1)
+    row = report.results_table(report.summarize([full_record(one)])).splitlines()[2]
+    assert row.startswith("| BatchNorm | 512 | 48,736 | 1 | 50.00 % | 50.00 % | 50.00 % |") and "±" not in row
+    row = report.results_table(report.summarize([full_record(one), full_record(two, acc=60.0)])).splitlines()[2]
+    assert row.startswith("| BatchNorm | 512 | 48,736 | 2 | 55.00 ± 7.07 % | 55.00 ± 7.07 % | 50.00 % |")

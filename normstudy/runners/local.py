@@ -13,16 +13,23 @@ dropout is 0.) How well runs overlap on a GPU is a matter of tuning, not of this
 
 With ``stack`` (an int, or ``"auto"``), runs that share a batch size and schedule train as stacks
 of up to that many runs, each stack one model (:mod:`normstudy.stack`); ``concurrency`` then
-counts stacks at once. ``"auto"`` stacks on CUDA only, as many runs as pay off
-(:func:`stack.auto_size`); 1 is one run at a time, as before stacks existed.
+counts stacks at once. ``"auto"`` stacks on CUDA only (:func:`stack.auto_size`); 1 is one run at a
+time, as before stacks existed.
 
 Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``
 does: its last complete epoch is in its checkpoint. With threads, the running runs stop at the
-end of their current epoch, its checkpoint written (a second Ctrl-C quits without waiting; the
-threads are daemons and die with the process).
+end of their current epoch, its checkpoint written (a second Ctrl-C quits without waiting: the
+command ends its process at once, see :mod:`normstudy.stopping`; called in-process, the threads
+are daemons and die with the process).
+
+A run whose folder another process holds (a second command into the same ``out``) is not a
+failure: it goes to the back of the queue and is tried again, once a second, after the others;
+when its holder has finished it, its record is delivered as any finished run's.
 """
+import collections
 import queue
 import threading
+import time
 
 import torch
 
@@ -31,8 +38,43 @@ from .. import runtime as runtime_lib
 from .base import RunsFailed, failure_line
 
 
+BUSY_POLL_SECONDS = 1.0  # how often a run whose folder another process holds is tried again
+
+
 class _Stopped(Exception):
     """Raised inside a worker thread at an epoch boundary once the runner is told to stop."""
+
+
+class _Todo:
+    """The units left to start (lists of configs: one run, or a stack), in order, for any number of
+    threads. A run whose folder another process holds (:meth:`busy`) goes to the back, alone,
+    behind every unit not tried yet, and is tried again after a pause (its holder may have
+    finished it meanwhile); ``log`` hears of it once."""
+
+    def __init__(self, units, log):
+        self._left = collections.deque(units)
+        self._busy = set()
+        self._lock = threading.Lock()
+        self._log = log
+
+    def take(self, pause=time.sleep):
+        """The next unit, or ``None`` when none is left; ``pause(seconds)`` before a busy run."""
+        with self._lock:
+            if not self._left:
+                return None
+            unit = self._left.popleft()
+        if unit[0].run_id in self._busy:
+            pause(BUSY_POLL_SECONDS)
+        return unit
+
+    def busy(self, config, err):
+        with self._lock:
+            self._left.append([config])
+            first = config.run_id not in self._busy
+            self._busy.add(config.run_id)
+        if first and self._log is not None:
+            self._log(f"{config.run_id}: in use by {err.holder}, another command that trains it; waiting for "
+                      "it to finish, after the other runs")
 
 
 def _quietly(on_record):
@@ -135,18 +177,19 @@ class LocalRunner:
 
     def _run_in_turn(self, units, *, on_record, **options):
         failures = {}
-        for unit in units:
+        todo = _Todo(units, self.log)
+        while (unit := todo.take()) is not None:
             for config, outcome in self._run_unit(unit, **options):
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, run_lib.RunFolderBusy):
+                    todo.busy(config, outcome)
+                elif isinstance(outcome, BaseException):
                     failures[config.run_id] = failure_line(outcome)
                 else:
                     on_record(outcome)
         return failures
 
     def _run_in_threads(self, units, *, on_record, device, **options):
-        todo = queue.SimpleQueue()
-        for unit in units:
-            todo.put(unit)
+        todo = _Todo(units, self.log)
         results = queue.SimpleQueue()  # (kind, config, payload); kind "done" once per worker
         stop = threading.Event()
 
@@ -158,9 +201,8 @@ class LocalRunner:
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             try:
                 while not stop.is_set():
-                    try:
-                        unit = todo.get_nowait()
-                    except queue.Empty:
+                    unit = todo.take(pause=stop.wait)
+                    if unit is None or stop.is_set():
                         return
                     try:
                         if stream is not None:
@@ -176,8 +218,11 @@ class LocalRunner:
                             results.put(("failed", config, err))
                         continue
                     for config, outcome in outcomes:
-                        failed = isinstance(outcome, BaseException)
-                        results.put(("failed" if failed else "record", config, outcome))
+                        if isinstance(outcome, run_lib.RunFolderBusy):
+                            todo.busy(config, outcome)
+                        else:
+                            results.put(("failed" if isinstance(outcome, BaseException) else "record", config,
+                                         outcome))
             finally:
                 results.put(("done", None, None))
 

@@ -73,12 +73,22 @@ class RayUnavailableError(RayRunnerError):
 
 
 def import_ray():
-    """``ray``, or :class:`RayUnavailableError` saying in one line how to install it."""
+    """``ray``, or :class:`RayUnavailableError` saying in one line how to install it, or, when Ray is
+    installed but fails to import (a missing or broken dependency), why."""
     try:
         import ray
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "ray":  # one of Ray's own imports failed
+            raise RayUnavailableError(_broken_ray(err)) from None
         raise RayUnavailableError(f"the ray runner needs Ray, which is not installed: {INSTALL_HINT}") from None
+    except Exception as err:  # noqa: BLE001 - whatever Ray raises while it imports, one line
+        raise RayUnavailableError(_broken_ray(err)) from None
     return ray
+
+
+def _broken_ray(err):
+    return (f"the ray runner could not import Ray, which is installed but failed ({type(err).__name__}: "
+            f"{_one_line(err)}); reinstall it: {INSTALL_HINT}")
 
 
 def init_ray(address=None, **kwargs):
@@ -87,11 +97,12 @@ def init_ray(address=None, **kwargs):
     package travels to every worker (``runtime_env.py_modules``), so nodes need only its
     requirements. ``kwargs`` go to ``ray.init`` (e.g. ``num_cpus`` for an embedded Ray).
     Returns True if this call connected (and so should ``ray.shutdown()``), False if Ray was
-    connected already. Raises :class:`RayUnavailableError` if no cluster answers."""
+    connected already. Raises :class:`RayUnavailableError` if no cluster answers (an address that
+    is not a Ray cluster's is refused even then: it is a mistake either way)."""
     ray = import_ray()
+    _check_answers(address)
     if ray.is_initialized():
         return False
-    _check_answers(address)
     runtime_env = kwargs.pop("runtime_env", None) or {}
     runtime_env = {**runtime_env, "py_modules": [*runtime_env.get("py_modules", []), str(PACKAGE_DIR)],
                    "excludes": [*runtime_env.get("excludes", []), "__pycache__", "*.pyc"]}
@@ -103,21 +114,67 @@ def init_ray(address=None, **kwargs):
     except (ConnectionError, TimeoutError) as err:
         raise RayUnavailableError(f"ray: no Ray cluster at address {address!r} ({_one_line(err)}); start one with "
                                   "`ray start --head`, or leave out --address for a Ray on this machine only") from None
+    except Exception as err:  # noqa: BLE001 - e.g. "The current node timed out during startup": one line
+        where = f"join the Ray cluster at {address!r}" if address else "start Ray on this machine"
+        raise RayUnavailableError(f"ray: could not {where} ({type(err).__name__}: {_one_line(err)})") from None
     return True
 
 
-def _check_answers(address, timeout=5):
-    """Raise :class:`RayUnavailableError` at once if nothing listens at a ``HOST:PORT`` address: Ray
-    itself retries such an address for minutes, printing warnings, before it gives up."""
+def host_port(address):
+    """``(host, port)`` of a ``HOST:PORT`` address, an IPv6 host in brackets or not (``[::1]:6379``
+    gives ``("::1", 6379)``); ``None`` for the addresses Ray resolves itself (``None``, ``"auto"``,
+    ``ray://...``)."""
     host, sep, port = (address or "").rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:  # None, "auto", ray://...: Ray's to resolve
+    if not sep or not port.isdigit() or "://" in address:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+# An HTTP/2 client's opening (its preface and an empty SETTINGS frame): Ray's GCS, a gRPC server,
+# answers it with a SETTINGS frame of its own (frame type 4, the fourth byte of its header).
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
+NO_CLUSTER_HINT = "start one with `ray start --head`, or leave out --address for a Ray on this machine only"
+
+
+def _check_answers(address, timeout=5):
+    """Raise :class:`RayUnavailableError` within seconds unless a Ray cluster answers at a
+    ``HOST:PORT`` address: when nothing listens there, and when what listens does not speak Ray's
+    protocol (gRPC; e.g. the dashboard's port, 8265). Ray itself retries either for minutes, printing
+    warnings, in calls that signals cannot interrupt. With TLS (``RAY_USE_TLS``) only the port is
+    checked."""
+    where = host_port(address)
+    if where is None:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        with socket.create_connection(where, timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                conn.sendall(HTTP2_HELLO)
+                reply = _receive(conn, 9)
+                if len(reply) < 9 or reply[3] != HTTP2_SETTINGS:
+                    raise RayUnavailableError(
+                        f"ray: {address} answers, but not as a Ray cluster (is it another service, such as the "
+                        "dashboard at 8265? Give the port `ray start --head` listens on, 6379 unless told); "
+                        + NO_CLUSTER_HINT)
+    except (socket.timeout, TimeoutError):
+        raise RayUnavailableError(f"ray: {address} accepts connections but does not answer as a Ray cluster "
+                                  f"within {timeout:g} s; {NO_CLUSTER_HINT}") from None
     except OSError as err:
-        raise RayUnavailableError(f"ray: no Ray cluster answers at {address} ({err.strerror or err}); start one "
-                                  "with `ray start --head`, or leave out --address for a Ray on this machine only"
-                                  ) from None
+        raise RayUnavailableError(f"ray: no Ray cluster answers at {address} ({err.strerror or err}); "
+                                  + NO_CLUSTER_HINT) from None
+
+
+def _receive(conn, size):
+    """Up to ``size`` bytes from ``conn``, fewer when it closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class RayRunner:
@@ -191,13 +248,16 @@ class RayRunner:
         if failures:
             raise RunsFailed(failures)
 
-    @staticmethod
-    def _claim(run_dir, config, failures):
-        """Claim ``run_dir`` for ``config`` (as run_one does); a refused folder fails its run."""
+    def _claim(self, run_dir, config, failures):
+        """Claim ``run_dir`` for ``config`` (as run_one does); a refused folder fails its run, and
+        one that another process trains in is left to it (said in one line)."""
         try:
             run_lib.claim_folder(run_dir, config)
             with run_lib.folder_lock(run_dir):  # refused now if another process trains in it
                 pass
+        except run_lib.RunFolderBusy as err:
+            self.log(f"ray: {config.run_id}: in use by {err.holder}, another command that trains it; left to it")
+            return False
         except run_lib.RunFolderError as err:
             failures[config.run_id] = failure_line(err)
             return False
