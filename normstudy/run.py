@@ -108,6 +108,32 @@ def summary_figures(history):
             "seconds_per_epoch": statistics.median(history["epoch_seconds"])}
 
 
+CHANCE = 100.0 / len(data_lib.CLASSES)  # % test accuracy of a guess: CIFAR-10 and its synthetic stand-in
+COLLAPSE_MARGIN = 1.0  # points of accuracy: a run this close to chance learned nothing
+
+
+def collapsed(final):
+    """Whether a run's final figures (:func:`summary_figures`) put it at chance: its mean test
+    accuracy of the last 3 epochs within :data:`COLLAPSE_MARGIN` points of :data:`CHANCE`
+    (e.g. GroupNorm with 32 groups here, whose pooled features cannot depend on the image)."""
+    return abs(final["test_acc_last3_mean"] - CHANCE) <= COLLAPSE_MARGIN
+
+
+def is_collapsed(record):
+    """A record's ``"collapsed"`` field; records written before it existed are judged by their figures."""
+    flag = record.get("collapsed")
+    return flag if isinstance(flag, bool) else collapsed(record["final"])
+
+
+def collapse_line(record):
+    """The one line that says a finished run collapsed to chance."""
+    line = (f"collapsed: test accuracy {record['final']['test_acc_last3_mean']:.2f} % (mean of the last 3 epochs) "
+            f"is within {COLLAPSE_MARGIN:g} point of chance ({CHANCE:g} %): the network learned nothing")
+    if record["config"].get("data") == "synthetic":  # `--smoke` at batch 512 takes two steps: often chance
+        line += " (a smoke run: its few steps may be too few to learn)"
+    return line
+
+
 @contextlib.contextmanager
 def folder_lock(run_dir):
     """Hold ``run_dir/.lock`` while training; a second process gets :class:`RunFolderError` naming
@@ -215,11 +241,14 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
                   "evaluated_on": f"{config.holdout} held-out training images" if config.holdout else "test set",
                   "params": sum(p.numel() for p in model.parameters()),
                   "final": {**summary_figures(history), "test_acc_tta_flip": tta},
+                  "collapsed": collapsed(summary_figures(history)),
                   "history": history, "seconds": time.perf_counter() - start}
         checkpoints.save_torch(run_dir / "weights.pt", model.state_dict())
         if figures:
             write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
     checkpoints.write_json(run_dir / "record.json", record)  # last: the run is finished
+    if record["collapsed"]:  # a run at chance ends without error: say so
+        log(f"{config.run_id}: {collapse_line(record)}")
     return record
 
 
