@@ -11,8 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from normstudy import checkpoints, data, models, recipe as recipe_lib, report, run  # noqa: E402
+from normstudy import checkpoints, data, models, recipe as recipe_lib, report, run
 
 
 def main():
