@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -178,8 +179,10 @@ def claim_folder(run_dir, config):
         checkpoints.write_json(path, config.to_dict())
 
 
-def run_one(config, out, *, dataset=None, data_dir="./data", download=True, device="auto", runtime=None,
-            resume=False, restart=False, figures=True, progress=True, log=print):
+def run_one(config: RunConfig, out: str | os.PathLike, *, dataset: dict | None = None,
+            data_dir: str | os.PathLike = "./data", download: bool = True, device: str | torch.device = "auto",
+            runtime: str | dict | None = None, resume: bool = False, restart: bool = False, figures: bool = True,
+            progress: bool = True, log: Callable[[str], object] = print) -> dict:
     """Train ``config`` into ``out/<run id>/`` and return its record (see the module docstring).
 
     A finished run is not redone: its record is returned as it is. ``dataset`` (as
