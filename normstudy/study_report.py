@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import CHANNELS, NORMS, RunConfig
 from .report import COLLAPSE_NOTE, collapse_mark, mean_std
-from .run import CHANCE, COLLAPSE_MARGIN, is_collapsed
+from .run import collapsed, is_collapsed
 
 METRIC = "test_error_last3_mean"
 METRICS = ("test_acc", "test_acc_last3_mean", "test_error", "test_error_last3_mean")
@@ -109,7 +109,7 @@ def collapsed_runs(cell):
     ``"collapsed"`` field existed is judged by its figures."""
     if "collapsed" in cell:
         return cell["collapsed"]
-    return [abs(acc - CHANCE) <= COLLAPSE_MARGIN for acc in cell["test_acc_last3_mean"]["values"]]
+    return [collapsed({"test_acc_last3_mean": acc}) for acc in cell["test_acc_last3_mean"]["values"]]
 
 
 def _variants(cells):
