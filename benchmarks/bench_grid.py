@@ -9,15 +9,14 @@ included. Prints one row per batch size and writes ``grid_results.json`` (or ``-
 """
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from normstudy import study
+from normstudy.runners.local import LocalRunner
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from normstudy import study  # noqa: E402
-from normstudy.runners.local import LocalRunner  # noqa: E402
 
 
 def timed_pass(configs, *, concurrency, data_dir):

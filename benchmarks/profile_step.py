@@ -6,13 +6,10 @@ Eager steps run the same kernels as the CUDA-graph replay, so their kernel times
 replayed step costs (the graph removes only the launch gaps between them).
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from normstudy import data, fit, models, recipe as recipe_lib  # noqa: E402
+from normstudy import data, fit, models, recipe as recipe_lib
 
 
 def main():

@@ -20,6 +20,7 @@ One module per concern, each importing only from the ones listed before it:
     runners     who executes a list of runs: LocalRunner (this process, threads), a Ray runner
     study_report the study's summaries and tables (Wu & He's Tables 2 and 3), pure functions
     study       the study's grids (batch size, groups), run_grid, `python -m normstudy.study`
+    command     the `normstudy` command (train, study, summarize), `python -m normstudy`
 
 Start with :func:`normstudy.run.run_one` and :class:`normstudy.config.RunConfig`.
 """

@@ -28,13 +28,13 @@ class RunConfig:
     norm's defaults; ``holdout`` scores the run on that many held-out training images instead of
     the test set (0: the test set).
     """
-    norm: str
+    norm: str  # one of NORMS
     seed: int = 0
-    batch_size: int = None
-    epochs: int = None
-    groups: int = None
-    overrides: tuple = ()
-    data: str = "cifar10"
+    batch_size: int | None = None  # None: the recipe's (always an int once built)
+    epochs: int | None = None  # None: the recipe's (always an int once built)
+    groups: int | None = None  # None: the recipe's for GroupNorm, 1 for LayerNorm, None for BatchNorm
+    overrides: tuple[tuple[str, object], ...] = ()  # ((recipe key, value), ...), sorted once built
+    data: str = "cifar10"  # one of DATASETS
     holdout: int = 0
 
     def __post_init__(self):

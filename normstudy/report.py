@@ -2,7 +2,8 @@
 
 Runs that differ only by their seed form a *cell* (``RunConfig.cell``); a summary gives each
 cell's values per seed and their mean and spread. Runs whose configurations differ in anything
-else (recipe, batch, groups, data) are never averaged together.
+else (recipe, batch, groups, data) are never averaged together. A cell whose runs collapsed to
+chance (``run.collapsed``) is marked in the table, next to its test accuracy.
 """
 import json
 import statistics
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from . import checkpoints
 from .config import NORMS, RunConfig
-from .run import check_record
+from .run import CHANCE, COLLAPSE_MARGIN, check_record, is_collapsed
 
 
 def load_records(out):
@@ -50,6 +51,7 @@ def summarize(records):
             "label": config.label, "norm": config.norm, "groups": config.groups, "batch_size": config.batch_size,
             "epochs": config.epochs, "params": first["params"], "seeds": [c.seed for c, _ in runs],
             **{key: [r["final"][key] for _, r in runs] for key in first["final"]},
+            "collapsed": [is_collapsed(r) for _, r in runs],
             "device": first["device"], "recipe": first["recipe"],
         }
     return summary
@@ -59,6 +61,19 @@ def mean_history(records, cell):
     """Per-epoch mean over the seeds of one cell, for comparison figures."""
     hists = [r["history"] for r in records if RunConfig.from_dict(r["config"]).cell == cell]
     return {key: [statistics.mean(v) for v in zip(*(h[key] for h in hists))] for key in hists[0]}
+
+
+COLLAPSE_NOTE = (f"Collapsed: a run's test accuracy (mean of the last 3 epochs) within {COLLAPSE_MARGIN:g} point of "
+                 f"chance ({CHANCE:g} %): the network learned nothing.")
+
+
+def collapse_mark(flags):
+    """The mark of a cell whose runs (``flags``: collapsed or not, per seed) collapsed to chance:
+    "collapsed" when all did, "k of n collapsed" when some did, nothing otherwise."""
+    count = sum(flags)
+    if not count:
+        return ""
+    return " (collapsed)" if count == len(flags) else f" ({count} of {len(flags)} collapsed)"
 
 
 def results_table(summary):
@@ -72,9 +87,12 @@ def results_table(summary):
         lines.append(f"| {s['label']} | {s['batch_size']} | {s['params']:,} | {len(s['seeds'])} | "
                      + " | ".join(f"{m:.2f} ± {sd:.2f} %" if len(s["seeds"]) > 1 else f"{m:.2f} %"
                                   for m, sd in cells)
-                     + f" | {min(s['test_acc_last3_min']):.2f} % | {max(s['test_acc_best']):.2f} % | "
+                     + f"{collapse_mark(s['collapsed'])} | {min(s['test_acc_last3_min']):.2f} % | "
+                     f"{max(s['test_acc_best']):.2f} % | "
                      f"{statistics.mean(s['test_acc_tta_flip']):.2f} % | "
                      f"{statistics.mean(s['seconds_per_epoch']):.2f} |")
+    if any(any(s["collapsed"]) for s in summary.values()):
+        lines += ["", COLLAPSE_NOTE]
     devices = sorted({s["device"] for s in summary.values()})
     return "\n".join(lines) + f"\n\nMean ± standard deviation over seeds; device: {', '.join(devices) or '?'}.\n"
 

@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,6 +117,32 @@ def summary_figures(history):
             "seconds_per_epoch": statistics.median(history["epoch_seconds"])}
 
 
+CHANCE = 100.0 / len(data_lib.CLASSES)  # % test accuracy of a guess: CIFAR-10 and its synthetic stand-in
+COLLAPSE_MARGIN = 1.0  # points of accuracy: a run this close to chance learned nothing
+
+
+def collapsed(final):
+    """Whether a run's final figures (:func:`summary_figures`) put it at chance: its mean test
+    accuracy of the last 3 epochs within :data:`COLLAPSE_MARGIN` points of :data:`CHANCE`
+    (e.g. GroupNorm with 32 groups here, whose pooled features cannot depend on the image)."""
+    return abs(final["test_acc_last3_mean"] - CHANCE) <= COLLAPSE_MARGIN
+
+
+def is_collapsed(record):
+    """A record's ``"collapsed"`` field; records written before it existed are judged by their figures."""
+    flag = record.get("collapsed")
+    return flag if isinstance(flag, bool) else collapsed(record["final"])
+
+
+def collapse_line(record):
+    """The one line that says a finished run collapsed to chance."""
+    line = (f"collapsed: test accuracy {record['final']['test_acc_last3_mean']:.2f} % (mean of the last 3 epochs) "
+            f"is within {COLLAPSE_MARGIN:g} point of chance ({CHANCE:g} %): the network learned nothing")
+    if record["config"].get("data") == "synthetic":  # `--smoke` at batch 512 takes two steps: often chance
+        line += " (a smoke run: its few steps may be too few to learn)"
+    return line
+
+
 @contextlib.contextmanager
 def folder_lock(run_dir):
     """Hold ``run_dir/.lock`` while training; a second process gets :class:`RunFolderBusy` naming
@@ -161,8 +188,10 @@ def claim_folder(run_dir, config):
         checkpoints.write_json(path, config.to_dict())
 
 
-def run_one(config, out, *, dataset=None, data_dir="./data", download=True, device="auto", runtime=None,
-            resume=False, restart=False, figures=True, progress=True, log=print):
+def run_one(config: RunConfig, out: str | os.PathLike, *, dataset: dict | None = None,
+            data_dir: str | os.PathLike = "./data", download: bool = True, device: str | torch.device = "auto",
+            runtime: str | dict | None = None, resume: bool = False, restart: bool = False, figures: bool = True,
+            progress: bool = True, log: Callable[[str], object] = print) -> dict:
     """Train ``config`` into ``out/<run id>/`` and return its record (see the module docstring).
 
     A finished run is not redone: its record is returned as it is. ``dataset`` (as
@@ -229,10 +258,11 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
                           runtime=runtime, checkpoint_path=checkpoint, resume=resume,
                           progress=progress, log=log, on_prepared=lambda training: used.update(training.runtime))
     return finish_run(config, run_dir, model=model, history=history, runtime=used, device=device, dataset=dataset,
-                      figures=figures, seconds=time.perf_counter() - start)
+                      figures=figures, seconds=time.perf_counter() - start, log=log)
 
 
-def finish_run(config, run_dir, *, model, history, runtime, device, dataset, figures, seconds, extra=None):
+def finish_run(config, run_dir, *, model, history, runtime, device, dataset, figures, seconds, extra=None,
+               log=print):
     """The end of a trained run: its final figures (flip TTA included), ``weights.pt``, the
     figures and, last, ``record.json``; returns the record. ``extra``: more record keys (a run
     trained in a stack says so)."""
@@ -245,11 +275,14 @@ def finish_run(config, run_dir, *, model, history, runtime, device, dataset, fig
                   "data_fingerprint": data_lib.fingerprint(dataset),  # what it trained on (scripts/redraw_figures.py)
                   "params": sum(p.numel() for p in model.parameters()),
                   "final": {**summary_figures(history), "test_acc_tta_flip": tta},
+                  "collapsed": collapsed(summary_figures(history)),
                   "history": history, "seconds": seconds, **(extra or {})}
         checkpoints.save_torch(Path(run_dir) / "weights.pt", model.state_dict())
         if figures:
             write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
     checkpoints.write_json(Path(run_dir) / "record.json", record)  # last: the run is finished
+    if record["collapsed"]:  # a run at chance ends without error: say so
+        log(f"{config.run_id}: {collapse_line(record)}")
     return record
 
 

@@ -370,7 +370,7 @@ def _train_members(members, *, dataset, device, runtime, figures, log, said, out
             outcomes[member.config.run_id] = run_lib.finish_run(
                 member.config, member.run_dir, model=member.training.model, history=member.history,
                 runtime=runtime, device=device, dataset=dataset, figures=figures,
-                seconds=time.perf_counter() - start, extra={"stack": {"size": len(runs), "runs": runs}})
+                seconds=time.perf_counter() - start, extra={"stack": {"size": len(runs), "runs": runs}}, log=log)
         except Exception as err:  # noqa: BLE001
             outcomes[member.config.run_id] = err
 

@@ -164,7 +164,8 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
         if progress:
             final = record["final"]
             bar.write(f"{record['id']}: test acc {final['test_acc']:.2f} % (last 3 epochs "
-                      f"{final['test_acc_last3_mean']:.2f} %), {record['seconds']:.0f} s")
+                      f"{final['test_acc_last3_mean']:.2f} %), {record['seconds']:.0f} s"
+                      + (", collapsed to chance" if run_lib.is_collapsed(record) else ""))
         bar.update(1)
 
     try:

@@ -11,14 +11,16 @@ and the standard deviation (n - 1; 0 for one seed) of
 and the mean and spread of the training and test error per epoch (for the curves). The tables
 report ``test_error_last3_mean`` (:data:`METRIC`), laid out like Wu & He's *Group
 Normalization* (2018): Table 2 (rows: norms, columns: batch sizes, plus a "GN − BN" row) for the
-batch-size grid and Table 3 (columns: groups, plus BN) for the groups grid.
+batch-size grid and Table 3 (columns: groups, plus BN) for the groups grid. A cell whose runs
+collapsed to chance (``run.collapsed``; per seed in the cell's ``"collapsed"``) is marked in them.
 """
 import json
 import statistics
 from pathlib import Path
 
 from .config import CHANNELS, NORMS, RunConfig
-from .report import mean_std
+from .report import COLLAPSE_NOTE, collapse_mark, mean_std
+from .run import collapsed, is_collapsed
 
 METRIC = "test_error_last3_mean"
 METRICS = ("test_acc", "test_acc_last3_mean", "test_error", "test_error_last3_mean")
@@ -56,6 +58,7 @@ def summarize_cell(records):
         "norm": config.norm, "groups": config.groups, "batch_size": config.batch_size, "epochs": config.epochs,
         "data": config.data, "seeds": [c.seed for c, _ in runs], "run_ids": [c.run_id for c, _ in runs],
         "devices": sorted({r.get("device", "?") for _, r in runs}),
+        "collapsed": [is_collapsed(r) for _, r in runs],  # per seed: at chance (run.collapsed)
         **{key: _stats(values) for key, values in finals.items()},
         "curves": {"train_error": _curve([[100.0 - a for a in h["train_acc"]] for h in histories]),
                    "test_error": _curve([[100.0 - a for a in h["test_acc"]] for h in histories])},
@@ -97,7 +100,16 @@ def _value(cell, metric):
     if cell is None:
         return "—"
     stats = cell[metric]
-    return f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if len(stats["values"]) > 1 else "")
+    return (f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if len(stats["values"]) > 1 else "")
+            + collapse_mark(collapsed_runs(cell)))
+
+
+def collapsed_runs(cell):
+    """Per seed, whether the cell's run collapsed to chance; a summary written before the
+    ``"collapsed"`` field existed is judged by its figures."""
+    if "collapsed" in cell:
+        return cell["collapsed"]
+    return [collapsed({"test_acc_last3_mean": acc}) for acc in cell["test_acc_last3_mean"]["values"]]
 
 
 def _variants(cells):
@@ -189,6 +201,8 @@ def results_markdown(summary, *, title=None):
             f"The same, {_METRIC_WORDS['test_error']}:", "", table(summary, "test_error").rstrip()]
     if kind == "groups":
         text += ["", "G groups of 32/G channels each: G=1 is LayerNorm, G=32 InstanceNorm."]
+    if any(any(collapsed_runs(cell)) for cell in cells):
+        text += ["", COLLAPSE_NOTE]
     if summary["missing"]:
         text += ["", f"Missing ({len(summary['missing'])} runs not finished): "
                  + ", ".join(summary["missing"]) + "."]

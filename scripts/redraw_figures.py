@@ -15,9 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from normstudy import checkpoints, cli, data, models, recipe as recipe_lib, report, run  # noqa: E402
-from normstudy.config import RunConfig  # noqa: E402
+from normstudy import checkpoints, cli, data, models, recipe as recipe_lib, report, run
+from normstudy.config import RunConfig
 
 PROG = "redraw_figures.py"
 CIFAR10_SIZES = {"train": 50_000, "test": 10_000}

@@ -1,10 +1,12 @@
 """The requirement files agree: ranges for users (Colab's own torch included), exact pins for CI.
 
 requirements.txt, requirements-dev.txt and requirements-ray.txt say what the code needs, as
-ranges; requirements-lock.txt pins every package of the CI environment, and is used as
-constraints (`pip install -r ... -c requirements-lock.txt`).
+ranges, and pyproject.toml declares the same ranges for `pip install .` (its dependencies and its
+extras ray and dev); requirements-lock.txt pins every package of the CI environment, and is used
+as constraints (`pip install -e . -r ... -c requirements-lock.txt`).
 """
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,7 @@ def _applies(req):
 
 def test_lock_pins_exact_versions():
     pins = read_lock()
-    for name in ("torch", "torchvision", "ray", "pytest", "packaging"):
+    for name in ("torch", "torchvision", "ray", "pytest", "packaging", "ruff"):
         assert name in pins, f"{LOCK} does not pin {name}"
 
 
@@ -123,3 +125,31 @@ def test_the_lower_bound_check_installs_colabs_torch_within_the_ranges():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^\$\(VENV_LOWER\)/\.installed: .*\$\(LOWER\)", makefile, re.M)
     assert re.search(r"pip install .*-r requirements-dev.txt -r requirements-ray.txt -c \$\(LOWER\)", makefile)
+
+
+def _ranges(requirements):
+    """{canonical name: (specifier set, marker)} of ``requirements``, each name once."""
+    ranges = {}
+    for req in requirements:
+        assert canonicalize_name(req.name) not in ranges, f"{req.name} named twice"
+        ranges[canonicalize_name(req.name)] = (req.specifier, str(req.marker))
+    return ranges
+
+
+@pytest.mark.parametrize("declared, name", [("dependencies", "requirements.txt"), ("ray", "requirements-ray.txt"),
+                                            ("dev", "requirements-dev.txt")])
+def test_pyproject_declares_the_ranges_of_the_requirement_files(declared, name):
+    """`pip install .` (Colab included) gets the ranges that requirements.txt gives, and its extras
+    those of the other files (each file's own lines, not its -r includes)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = project["dependencies"] if declared == "dependencies" else project["optional-dependencies"][declared]
+    own = [req for where, _, req in read_requirements(name) if where == name]
+    assert _ranges(map(Requirement, listed)) == _ranges(own), f"pyproject.toml's {declared} vs {name}"
+
+
+def test_makefile_installs_the_package_editable_and_lints_before_the_tests():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^\$\(VENV\)/\.installed: .*pyproject\.toml", makefile, re.M)
+    assert re.search(r"pip install .*-e \. .*-c \$\(LOCK\)", makefile)
+    assert re.search(r"^test: lint$", makefile, re.M)
+    assert re.search(r"^lint: \$\(VENV\)/\.installed\n\t.*ruff check \.$", makefile, re.M)
