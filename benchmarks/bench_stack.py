@@ -15,17 +15,16 @@ model-epochs per second on full CIFAR-10, and the whole pass's wall seconds (sta
 """
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from normstudy import data
+from normstudy import study
+from normstudy.config import RunConfig
+from normstudy.runners.local import LocalRunner
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from normstudy import data  # noqa: E402
-from normstudy import study  # noqa: E402
-from normstudy.config import RunConfig  # noqa: E402
-from normstudy.runners.local import LocalRunner  # noqa: E402
 
 NORMS = ("bn", "ln", "gn")
 CIFAR_TRAIN = 50_000
