@@ -92,7 +92,7 @@ def test_summarize_writes_the_studys_summary_of_a_grid(tmp_path, capsys):
     code, _, err = run(["summarize", str(tmp_path), "--quiet"], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["kind"] == "groups" and summary["planned"] == 42 and summary["finished"] == 2  # the study's grid
+    assert summary["kind"] == "groups" and summary["planned"] == 63 and summary["finished"] == 2  # the study's grid
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Test error vs number of groups") and "| 512 | 90.00 (collapsed) | 15.00 |" in text
     assert (tmp_path / "accuracy_vs_groups.png").stat().st_size > 0
