@@ -39,10 +39,10 @@ def trained(tmp_path_factory):
     """A CIFAR-10 run (as the committed ones are) trained one epoch on a tiny CIFAR-10-format folder:
     (its results folder, its data folder)."""
     data_dir = tmp_path_factory.mktemp("data")
-    data.write_synthetic_cifar10(data_dir, n_train=256, n_test=64)
+    data.write_synthetic_cifar10(data_dir, n_train=128, n_test=64)
     results = tmp_path_factory.mktemp("results")
-    run_lib.run_one(RunConfig(norm="bn", batch_size=64, epochs=1), results,
-                    dataset=data.load_cifar10(data_dir, download=False), device="cpu", progress=False,
+    run_lib.run_one(RunConfig(norm="bn", batch_size=64, epochs=1), results,  # its figures come with the redraw
+                    dataset=data.load_cifar10(data_dir, download=False), device="cpu", figures=False, progress=False,
                     log=lambda line: None)
     return results, data_dir
 
@@ -52,13 +52,13 @@ def test_redraw_refuses_another_datasets_images_touching_nothing(trained, tmp_pa
     misclassified.png with another dataset's images. The runs' data are checked first."""
     redraw = script("redraw_figures")
     results, data_dir = trained
-    other = data.write_synthetic_cifar10(tmp_path / "other", n_train=256, n_test=64, seed=1).parent
+    other = data.write_synthetic_cifar10(tmp_path / "other", n_train=128, n_test=64, seed=1).parent
     run_id = RunConfig(norm="bn", batch_size=64, epochs=1).run_id
 
     before = snapshot(results)
     code, _, err = call_main(redraw.main, ["--results", str(results), "--data-dir", str(other)], capsys)
     assert code == 2 and one_line(err).startswith(
-        f"redraw_figures.py: error: {run_id} was trained on other data than {other} holds (256 training and 64 test "
+        f"redraw_figures.py: error: {run_id} was trained on other data than {other} holds (128 training and 64 test "
         "images, sha1 ")
     assert snapshot(results) == before
 
@@ -72,6 +72,7 @@ def test_redraw_refuses_another_datasets_images_touching_nothing(trained, tmp_pa
 
     code, out, err = call_main(redraw.main, ["--results", str(results), "--data-dir", str(data_dir)], capsys)
     assert code == 0 and err == "" and f"redrew {results / run_id}" in out
+    assert (results / run_id / "misclassified.png").stat().st_size > 0
 
 
 def test_redraw_refuses_a_synthetic_folder_for_the_committed_results(tmp_path, cifar_dir, capsys):
