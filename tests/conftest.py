@@ -1,5 +1,7 @@
 """Shared fixtures: small synthetic CIFAR-10 folders in the real file format, and no models."""
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures render off-screen
 
@@ -12,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from normstudy import data  # noqa: E402
+from normstudy import run as run_lib  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -45,3 +48,22 @@ def cifar_dir(tmp_path):
 @pytest.fixture
 def dataset(cifar_dir):
     return data.load_cifar10(cifar_dir, download=False)
+
+
+def fake_record(config, acc=50.0):
+    """A finished run's record as ``run._train`` writes it (every key a record has), without training."""
+    n = config.epochs
+    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
+               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+    return {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
+            "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
+            "history": history, "seconds": 1.0}
+
+
+def write_fake_record(out, config, acc=50.0):
+    """``out/<run id>/record.json`` holding :func:`fake_record`, as a finished run leaves it; returns the record."""
+    record = fake_record(config, acc)
+    run_dir = Path(out) / config.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "record.json").write_text(json.dumps(record))
+    return record

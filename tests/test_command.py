@@ -13,7 +13,7 @@ import pytest
 from normstudy import cli, command, study
 from normstudy import run as run_lib
 from normstudy.config import RunConfig
-from conftest import call_main
+from conftest import call_main, write_fake_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,15 +30,7 @@ def run(argv, capsys):
 
 
 def write_record(out, config, acc=80.0):
-    """A finished run's folder as ``run._train`` leaves it (its record only), without training."""
-    n = config.epochs
-    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
-               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
-    record = {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
-              "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
-              "history": history}
-    (out / config.run_id).mkdir(parents=True)
-    (out / config.run_id / "record.json").write_text(json.dumps(record))
+    write_fake_record(out, config, acc)
 
 
 def test_the_console_script_is_this_main():

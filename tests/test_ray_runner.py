@@ -350,7 +350,7 @@ def test_a_broken_ray_says_it_failed_to_import_and_why(tmp_path, monkeypatch, in
 
 
 def test_summary_only_needs_no_ray(tmp_path, capsys, monkeypatch):
-    from conftest import call_main
+    from conftest import call_main, write_fake_record
     from normstudy import study
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     config = RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=0)
@@ -373,14 +373,3 @@ def test_a_run_another_command_trains_is_left_to_it_not_failed(tmp_path):
                                         "that trains it; left to it"]
 
 
-def write_fake_record(out, config, acc=50.0):
-    """A finished run's record as run._train writes it, without training."""
-    n = config.epochs
-    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
-               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
-    record = {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
-              "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
-              "history": history, "seconds": 1.0}
-    (out / config.run_id).mkdir(parents=True, exist_ok=True)
-    (out / config.run_id / "record.json").write_text(json.dumps(record))
-    return record

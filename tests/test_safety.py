@@ -31,7 +31,7 @@ from normstudy import fit as fit_lib
 from normstudy import recipe as recipe_lib
 from normstudy import run as run_lib
 from normstudy.config import RunConfig
-from conftest import call_main
+from conftest import call_main, fake_record, write_fake_record
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_BN = RunConfig("bn", epochs=1, data="synthetic")  # what `train.py --norm bn --smoke` runs
@@ -59,21 +59,9 @@ def tiny_fit(dataset, path, *, resume=False, seed=0):
                        progress=False, log=lambda line: None)
 
 
-def fake_record(config, acc=50.0):
-    """A finished run's record as ``run._train`` writes it, without training."""
-    n = config.epochs
-    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
-               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
-    return {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
-            "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
-            "history": history}
-
-
 def write_record(out, config, **kwargs):
-    run_dir = Path(out) / config.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "record.json").write_text(json.dumps(fake_record(config, **kwargs)))
-    return run_dir
+    write_fake_record(out, config, **kwargs)
+    return Path(out) / config.run_id
 
 
 def damage_tensor_bytes(path, n=64):

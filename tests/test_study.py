@@ -19,7 +19,7 @@ from normstudy import study
 from normstudy import study_report
 from normstudy.config import RunConfig
 from normstudy.runners.local import LocalRunner
-from conftest import call_main
+from conftest import call_main, fake_record as full_record
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"seconds"}, {"epoch_seconds"}, {"seconds_per_epoch"}  # record, history, final
@@ -407,16 +407,6 @@ def test_a_broken_record_in_the_grid_is_one_line_naming_it(tmp_path, capsys, mon
 
 
 # --- issue 22 -----------------------------------------------------------------------------------
-
-def full_record(config, acc=50.0):
-    """A finished run's record as run._train writes it (every key a record has), without training."""
-    n = config.epochs
-    history = {"train_loss": [1.0] * n, "train_acc": [acc] * n, "test_loss": [1.0] * n, "test_acc": [acc] * n,
-               "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
-    return {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe, "device": "cpu",
-            "params": 48_736, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": acc},
-            "history": history, "seconds": 1.0}
-
 
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_a_run_another_command_trains_is_waited_for_not_failed(tmp_path, tiny_data, monkeypatch, concurrency):
