@@ -250,10 +250,11 @@ def parse_args(argv=None):
                    help="runs at once: with the local runner, threads of this process, a CUDA stream each "
                         "(default 1); with Ray, per worker (default 2 on a GPU, 1 on CPUs)")
     p.add_argument("--stack", type=_stack_size, default=1, metavar="K",
-                   help="train up to K runs that share a batch size as one stacked model (grouped convolutions; "
-                        "each run still its own folder, checkpoints and record); auto: on CUDA up to 32 runs and "
-                        "4096 images a step, 1 elsewhere. Default 1: on the H200 stacks of mixed norms are not yet "
-                        "faster than --concurrency's streams (benchmarks/NOTES.md)")
+                   help="train up to K runs of one norm that share a batch size as one stacked model (grouped "
+                        "convolutions; each run still its own folder, checkpoints and record); auto: on CUDA, stacks "
+                        "of up to 32 runs and 4096 images a step where at least 27 runs share a norm, else single "
+                        "runs. Default 1: on the H200 stacks of fewer than 27 runs are slower than --concurrency's "
+                        "streams of single runs (benchmarks/NOTES.md)")
     p.add_argument("--address", help="--runner ray: the Ray cluster's address (default: start a local one)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
