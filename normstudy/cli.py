@@ -107,8 +107,8 @@ def shared_parser():
     where.add_argument("--device", default="auto",
                        help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
     where.add_argument("--runtime", choices=runtime_lib.PRESETS,  # None: fast, and not asked for
-                       help="how a run executes, never what it computes: "
-                            + "; ".join(runtime_lib.PRESETS) + " (default: fast; see `normstudy train --help`)")
+                       help="how a run executes, never what it computes (default: fast; train's --help "
+                            "describes each)")
     where.add_argument("--restart", action="store_true",
                        help="start interrupted runs over, discarding their checkpoints (e.g. a damaged one)")
     where.add_argument("--quiet", action="store_true",
@@ -142,7 +142,7 @@ def configs_from_args(args):
     """One :class:`RunConfig` per variant and seed (seeds in order, duplicates dropped)."""
     norms = norms_from(args)
     if args.groups is not None and "gn" not in norms:
-        raise ValueError(f"--groups applies to GroupNorm only (--norms gn or all), not to --norms {' '.join(norms)}")
+        raise ValueError(f"--groups applies to GroupNorm only (--norm gn or all), not to --norm {' '.join(norms)}")
     epochs = args.epochs if args.epochs is not None else (1 if args.smoke else None)
     seeds = list(dict.fromkeys(args.seeds or [0]))
     return [RunConfig(norm=norm, seed=seed, batch_size=args.batch_size, epochs=epochs,

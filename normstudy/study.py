@@ -9,7 +9,7 @@ its number of groups (after Wu & He, *Group Normalization*, 2018, Tables 2 and 3
 A grid is a list of :class:`RunConfig` (:func:`batch_grid`, :func:`groups_grid`);
 :func:`run_grid` runs the unfinished ones through a runner (:mod:`normstudy.runners`) into
 ``OUT/<run id>/`` and keeps ``OUT/summary.json``, ``OUT/results.md`` and the figures
-(:func:`write_summary`) up to date. Running the same command again continues the grid: finished
+(:func:`summary.write_summary`, over every finished run in OUT) up to date. Running the same command again continues the grid: finished
 runs are skipped, interrupted ones resume from their checkpoints.
 
 Bad input ends with one line on stderr and exit 2; failed (e.g. diverged) runs with exit 3 once
@@ -31,7 +31,6 @@ from . import study_report
 from . import summary as summary_lib
 from .config import NORMS, RunConfig
 from .runners import RUNNERS, RunsFailed, make_runner
-from .summary import FIGURES  # noqa: F401  (the grid kinds and their figures)
 
 BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 GROUP_COUNTS = (1, 2, 4, 8, 16, 32)
@@ -43,8 +42,9 @@ PROG = "python -m normstudy.study"
 DESCRIPTION = ("Train one of the study's grids: every norm at every batch size (Wu & He, Group Normalization, "
                "2018, Table 2) or GroupNorm at each number of groups, with BatchNorm (Table 3).")
 EPILOG = """\
-Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover the grid
-and are rewritten as each run finishes; the figures (batch: test_error_vs_batch.png,
+Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover every
+finished run in OUT (the grid's plan and what it misses beside them) and are rewritten as each run
+finishes; the figures (batch: test_error_vs_batch.png,
 bn_vs_gn_curves.png; groups: accuracy_vs_groups.png) when the grid ends or stops. Run the same
 command again to continue a stopped grid: finished runs are skipped, interrupted ones resume from
 their checkpoints."""
