@@ -210,7 +210,7 @@ def run_one(config: RunConfig, out: str | os.PathLike, *, dataset: dict | None =
             return record
         prepare_folder(run_dir, config, log=log)
         options = fit_lib.FitOptions(device=device, runtime=runtime, resume=resume, progress=progress, log=log)
-        return _train(config, run_dir, options, dataset=dataset, data_dir=data_dir, download=download,
+        return _train(config, run_dir, options=options, dataset=dataset, data_dir=data_dir, download=download,
                       restart=restart, figures=figures)
 
 
@@ -244,7 +244,7 @@ def checkpoint_to_resume(run_dir, *, resume, restart):
     return checkpoint, resume and checkpoint.exists()
 
 
-def _train(config, run_dir, options, *, dataset, data_dir, download, restart, figures):
+def _train(config, run_dir, *, options, dataset, data_dir, download, restart, figures):
     """Train ``config`` in ``run_dir`` (held) as ``options`` (:class:`fit.FitOptions`) say."""
     checkpoint, resume = checkpoint_to_resume(run_dir, resume=options.resume, restart=restart)
     start = time.perf_counter()
