@@ -3,16 +3,19 @@
 One module per concern, each importing only from the ones listed before it:
 
     stopping    how a command stops on Ctrl-C or SIGTERM (one line, exit 130 or 143); imported first
-    config      RunConfig: a run as a value, its id and its recipe
-    recipe      the hyper-parameters (units, types, ranges), optimizer, schedule, initialization
+    runtime     the device, how a run executes (presets fast / fp16 / fp32 / eager) and how the runs
+                of one process share a GPU (DEVICE_LOCK)
     data        CIFAR-10 files, checks, device-side augmentation, synthetic data
-    fast        the fast path: Triton kernels, CUDA-graph steps, SGD without torch.optim
+    divergence  the errors of a run that diverged (a loss or a parameter NaN or infinite)
+    fast        the fast path: Triton kernels and their self-check, CUDA-graph steps and epochs,
+                SGD without torch.optim
+    recipe      the hyper-parameters (units, types, ranges), optimizer, schedule, initialization
+    config      RunConfig: a run as a value, its id and its recipe
     models      the one network, parametrized by its norm
-    runtime     the device and how a run executes (presets fast / fp16 / fp32 / eager)
     loop        train() and test() for one epoch
     checkpoints atomic files, checkpoints, safe loading
     plots       the figures
-    fit         set-up and the epoch loop of one model
+    fit         set-up and the epoch loop of one model (FitOptions: how it trains)
     run         run_one(config, out) -> record: the one unit of work
     stack       many runs, one model: train_stack trains runs of one batch size as one network
     report      the one summary schema of a folder of runs, its reader and per-cell table, pure functions

@@ -6,9 +6,10 @@ schedule, training step); :func:`fit` and the benchmarks both call it. After eve
 run killed at any moment keeps its last complete epoch and ``fit(..., resume=True)`` continues
 from there; on the CPU a resumed run reproduces an uninterrupted one exactly.
 """
-import copy
 import dataclasses
+import os
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,8 +20,11 @@ from . import loop
 from . import models
 from . import recipe as recipe_lib
 from . import runtime as runtime_lib
-from .fast import steps
+from .divergence import NonFiniteLossError, NonFiniteStateError
+from .fast import self_check, steps
 from .fast.amp import LossScaler
+from .fast.graph_epoch import GraphEpoch
+from .runtime import DEVICE_LOCK
 
 
 def seed_everything(seed):
@@ -45,150 +49,17 @@ def prepare_model(model, device, runtime):
     return model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.contiguous_format)
 
 
-# Largest relative error (max |difference| / max |reference|) of the kernels' self-check in fp32,
-# outputs and buffers / gradients. The kernels agree with the modules to ~1e-5 (tests/test_kernels.py
-# asks 1e-4 / 1e-3); a kernel that computes something else misses by orders of magnitude.
-SELF_CHECK_FP32 = (1e-3, 1e-2)
-# In 16 bits a batch of two images differs from fp32 by up to 5 % (bf16) in the outputs and by up
-# to 90 % in some gradients (BatchNorm's backward over 2x4x4 values cancels), for the modules
-# themselves: only the outputs are compared, loosely, and the gradients checked to be finite.
-SELF_CHECK_16BIT_OUTPUT = 0.25
-
-
-def _rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
-def kernels_self_check(model, example, dtype=None):
-    """None if ``model`` computes the same with the Triton kernels as with PyTorch's modules, else
-    what differs (one line).
-
-    One training step's forward and backward on a random batch shaped like ``example`` (copies of
-    the model, dropout off; the model and the random generators are left as they are): in fp32,
-    with TF32 off, the outputs, the parameters' gradients and the buffers (BatchNorm's running
-    statistics) must agree to :data:`SELF_CHECK_FP32`; under autocast in ``dtype`` as well, if
-    given (the kernels a run launches), the outputs loosely and every gradient must be finite.
-    """
-    device = example.device
-    generator = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(example.shape, generator=generator, device=device).contiguous(
-        memory_format=torch.channels_last)
-    grad_out = None
-
-    def run(fused, autocast_dtype):
-        nonlocal grad_out
-        net = models.use_triton_kernels(copy.deepcopy(model), fused).train()
-        for module in net.modules():
-            if isinstance(module, nn.Dropout):
-                module.eval()  # its masks would differ between the two copies
-        with steps.autocast(device.type, autocast_dtype):
-            out = net(images)
-        if grad_out is None:
-            grad_out = torch.randn(out.shape, generator=generator, device=device)
-        out.float().backward(grad_out)
-        return out.detach(), net
-
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would amplify the rounding differences
-    try:
-        (plain_out, plain), (fused_out, fused) = run(False, None), run(True, None)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
-    output_tol, grad_tol = SELF_CHECK_FP32
-    checks = [("output", fused_out, plain_out, output_tol)]
-    checks += [(f"gradient of {name}", q.grad, p.grad, grad_tol)
-               for (name, p), q in zip(plain.named_parameters(), fused.parameters())]
-    checks += [(name, q, p, output_tol) for (name, p), q in zip(plain.named_buffers(), fused.buffers())
-               if p.is_floating_point()]
-    for what, got, expected, tol in checks:
-        if got is None or not torch.isfinite(got).all() or _rel_err(got, expected) > tol:
-            error = "missing" if got is None else f"relative error {_rel_err(got, expected):.2g}"
-            # A network can amplify rounding (InstanceNorm on a 4x4 map whose channel is almost
-            # constant, seen on the H100 with 32 groups): then judge the kernels block by block.
-            problem = _blockwise_check(model, images, generator)
-            if problem is not None:
-                return f"self-check failed in fp32: {what}, {error}; {problem}"
-            break
-    if dtype is not None:
-        (plain_out, _), (fused_out, fused) = run(False, dtype), run(True, dtype)
-        name = str(dtype).replace("torch.", "")
-        if not torch.isfinite(fused_out).all():
-            return f"self-check failed in {name}: output not finite"
-        if _rel_err(fused_out, plain_out) > SELF_CHECK_16BIT_OUTPUT:
-            problem = _blockwise_check(model, images, generator)  # as above: amplified rounding, or a bug?
-            if problem is not None:
-                return f"self-check failed in {name}: output, relative error {_rel_err(fused_out, plain_out):.2g}; {problem}"
-        for param_name, p in fused.named_parameters():
-            if p.grad is None or not torch.isfinite(p.grad).all():
-                return f"self-check failed in {name}: gradient of {param_name} missing or not finite"
-    return None
-
-
-def _blockwise_check(model, images, generator):
-    """None if every block (conv + ReLU + norm, max-pool) computes with the Triton kernels what it
-    computes with PyTorch's modules, forward and backward, on the input the plain network gives
-    it; else which block differs. Unlike the end-to-end check, no rounding is amplified."""
-    plain = models.use_triton_kernels(copy.deepcopy(model), False).train()
-    calls = []
-    hooks = [module.register_forward_hook(lambda module, args, kwargs, out: calls.append((module, args, kwargs)),
-                                          with_kwargs=True)
-             for module in plain.modules() if isinstance(module, (models.ConvBlock, models.MaxPool2d))]
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            plain(images)
-        for hook in hooks:
-            hook.remove()
-        for index, (module, args, kwargs) in enumerate(calls):
-            results = []
-            for fused in (False, True):
-                block = copy.deepcopy(module).train()
-                block.fused = fused
-                x = args[0].detach().clone().requires_grad_()
-                out = block(x, **{key: value.detach() for key, value in kwargs.items()})
-                if not results:
-                    grad = torch.randn(out.shape, generator=generator, device=out.device)
-                out.backward(grad)
-                results.append([out.detach(), x.grad] + [p.grad for p in block.parameters()])
-            output_tol, grad_tol = SELF_CHECK_FP32
-            for k, (expected, got) in enumerate(zip(*results)):
-                if got is None or not torch.isfinite(got).all() or _rel_err(got, expected) > (output_tol if k == 0 else grad_tol):
-                    return f"block {index} ({type(module).__name__}) differs"
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
-    return None
-
-
 def compile_kernels(model, device, runtime, *, image_shape):
-    """With the Triton kernels: compile them all now, in parallel (``kernels.precompile``), rather
-    than one by one during the first epoch, then check them (:func:`kernels_self_check`; skipped where
-    the same kernels passed it on this machine before, :mod:`normstudy.fast.checked`). Return
-    the runtime to train with: ``runtime``, or where importing, compiling or checking the kernels
+    """With the Triton kernels: compile them all now, in parallel, rather than one by one during
+    the first epoch, then check them (:func:`fast.self_check.compile_and_check`). Return the
+    runtime to train with: ``runtime``, or where importing, compiling or checking the kernels
     failed, the same without them (``model`` switched back to PyTorch's modules, one line says why,
     and no later run of this process tries them). ``image_shape`` is one image's (C, H, W)."""
     if not runtime["triton_kernels"]:
         return runtime
-    dtype = runtime_lib.AMP_DTYPES[runtime["amp"]]
     example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
-    memo = None
-    try:
-        from .fast import checked, kernels
-        memo = checked.key(model, device=example.device, dtype=dtype)
-        known_good = memo is not None and checked.passed(memo)
-        # The self-check runs in fp32 too: its kernels are compiled with the run's, unless it is skipped
-        # (a passed check on this machine, fast.checked); any others compile when first launched.
-        kernels.precompile(model, example, dtype=(dtype, None) if dtype is not None and not known_good else dtype)
-    except Exception as err:  # noqa: BLE001 - any failure means: run without them
-        problem = f"they failed to compile: {type(err).__name__}: {err}"
-    else:
-        try:
-            problem = None if known_good else kernels_self_check(model, example, dtype)
-        except Exception as err:  # noqa: BLE001
-            problem = f"self-check failed: {type(err).__name__}: {err}"
+    problem = self_check.compile_and_check(model, example, runtime_lib.AMP_DTYPES[runtime["amp"]])
     if problem is None:
-        if memo is not None:
-            checked.remember(memo)
         return runtime
     runtime_lib.kernels_off(problem, broken=True)
     runtime = runtime_lib.without_kernels(runtime, getattr(model, "norm", None))
@@ -246,29 +117,33 @@ class Training:
         return self.step
 
     def epoch_trainer(self, *, progress=True, desc="train"):
-        """A function that trains one epoch and returns ``(mean loss, accuracy in %)``; its
-        ``record()`` prepares what the next epoch replays (call it outside ``DEVICE_LOCK.work()``).
-        Under CUDA graphs a whole epoch replays as a few recorded graphs of many steps each
-        (:class:`fast.graph_epoch.GraphEpoch`); otherwise :func:`loop.train` with eager steps."""
+        """What trains one epoch (``train_epoch(epoch)`` gives ``(mean loss, accuracy in %)``) and
+        prepares the next (``record()``: call it outside ``DEVICE_LOCK.work()``). Under CUDA graphs
+        a whole epoch replays as a few recorded graphs of many steps each
+        (:class:`fast.graph_epoch.GraphEpoch`); otherwise :class:`EagerEpoch`, the plain loop."""
         if not self.runtime["cuda_graph"]:
-            step = self.make_step()
-
-            def train_epoch(epoch):
-                return loop.train(self.model, self.device, self.train_loader, self.optimizer, self.criterion,
-                                  self.scheduler, progress=progress, desc=f"{desc} epoch {epoch}", step=step)
-            train_epoch.record = lambda: None
-            return train_epoch
-        from .fast.graph_epoch import GraphEpoch
+            return EagerEpoch(self, self.make_step(), progress=progress, desc=desc)
         self._lr_on_device()
-        total_steps = self.recipe["epochs"] * len(self.train_loader)
-        trainer = GraphEpoch(self.model, self.optimizer, self.criterion, self.scheduler, self.train_loader,
-                             amp_dtype=self.amp_dtype, channels_last=self.runtime["channels_last"],
-                             total_steps=total_steps, scaler=self.scaler)
+        return GraphEpoch(self.model, self.optimizer, self.criterion, self.scheduler, self.train_loader,
+                          amp_dtype=self.amp_dtype, channels_last=self.runtime["channels_last"],
+                          total_steps=self.recipe["epochs"] * len(self.train_loader), scaler=self.scaler)
 
-        def train_epoch(epoch):
-            return trainer.train_epoch()
-        train_epoch.record = trainer.record
-        return train_epoch
+
+class EagerEpoch:
+    """An epoch of the plain loop (:func:`loop.train`, one eager step a batch, a progress bar),
+    with the face of :class:`fast.graph_epoch.GraphEpoch`: nothing to record before an epoch."""
+
+    def __init__(self, training, step, *, progress=True, desc="train"):
+        self.training, self.step, self.progress, self.desc = training, step, progress, desc
+
+    def record(self):
+        """Nothing to record: the steps run as they come."""
+
+    def train_epoch(self, epoch=None):
+        """One epoch; ``(mean loss, accuracy in %)``, or :class:`NonFiniteLossError`."""
+        t = self.training
+        return loop.train(t.model, t.device, t.train_loader, t.optimizer, t.criterion, t.scheduler,
+                          progress=self.progress, desc=f"{self.desc} epoch {epoch}", step=self.step)
 
 
 def prepare(model, dataset, *, recipe, device, seed, runtime=None, norm=None, on_stage=None):
@@ -314,56 +189,75 @@ def run_identity(*, norm, seed, recipe, dataset):
 
 
 def check_finite_state(model, epoch):
-    """Raise :class:`loop.NonFiniteStateError` if a parameter or buffer (e.g. BatchNorm's running
-    variance) is NaN or infinite: the loss can stay finite while they diverge."""
+    """Raise :class:`divergence.NonFiniteStateError` if a parameter or buffer (e.g. BatchNorm's
+    running variance) is NaN or infinite: the loss can stay finite while they diverge."""
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise loop.NonFiniteStateError(name, epoch)
+            raise NonFiniteStateError(name, epoch)
 
 
-def fit(model, dataset, *, norm, recipe=None, device="cpu", seed=0, runtime=None, checkpoint_path=None,
-        resume=False, progress=True, log=print, on_prepared=None):
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """How :func:`fit` trains a model, never what it computes (the model, its data, norm, recipe
+    and seed say that): one value that :func:`run.run_one` hands on to :func:`fit`.
+
+    ``device``: a name or ``torch.device``; ``runtime``: see :func:`resolve_runtime`. With
+    ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
+    continues from it. ``progress``: a progress bar per epoch (eager runs). ``log`` receives one
+    line per epoch. ``on_prepared(training)`` is called once the run is set up (:class:`Training`;
+    its ``runtime`` is the one used, which is ``runtime`` less the Triton kernels where they failed
+    to compile or their self-check)."""
+    device: str | torch.device = "cpu"
+    runtime: str | dict | None = None
+    checkpoint_path: str | os.PathLike | None = None
+    resume: bool = False
+    progress: bool = True
+    log: Callable[[str], object] = print
+    on_prepared: Callable[[Training], object] | None = None
+
+
+def fit(model, dataset, *, norm, recipe=None, seed=0, options: FitOptions | None = None, **how):
     """Train ``model`` for ``recipe["epochs"]`` epochs, testing after each; return the history.
 
     ``model`` is trained as given: build it with :func:`models.fresh_model` (seeded, whitening
     initialization) or load weights into it first. ``norm`` names the variant (stored in the
-    checkpoint, so a resume cannot mix variants). ``runtime``: see :func:`resolve_runtime`.
-    With ``checkpoint_path`` a checkpoint is written after every epoch; with ``resume`` the run
-    continues from it. ``log`` receives one line per epoch. ``on_prepared(training)`` is called once
-    the run is set up (:class:`Training`; its ``runtime`` is the one used, which is ``runtime`` less
-    the Triton kernels where they failed to compile or their self-check).
+    checkpoint, so a resume cannot mix variants). How it trains is ``options``
+    (:class:`FitOptions`); keywords named as its fields (``device=``, ``resume=``, ``log=``...)
+    change single ones, e.g. ``fit(model, dataset, norm="bn", device="cuda", progress=False)``.
     """
-    from .fast.graph_epoch import DEVICE_LOCK  # CUDA work of concurrent runs vs graph recording
+    options = dataclasses.replace(options or FitOptions(), **how)
     recipe = recipe or recipe_lib.recipe_for(norm)
+    checkpoint_path, log = options.checkpoint_path, options.log
     with DEVICE_LOCK.alone():  # compiling and checking kernels, seeding: nothing else on the GPU meanwhile
-        training = prepare(model, dataset, recipe=recipe, device=device, seed=seed, runtime=runtime, norm=norm)
-        if on_prepared is not None:
-            on_prepared(training)
+        training = prepare(model, dataset, recipe=recipe, device=options.device, seed=seed, runtime=options.runtime,
+                           norm=norm)
+        if options.on_prepared is not None:
+            options.on_prepared(training)
         identity = run_identity(norm=norm, seed=seed, recipe=recipe, dataset=dataset)
         history = new_history()
-        if resume:
+        if options.resume:
             state = checkpoints.load_torch(checkpoint_path)
             checkpoints.check_resumable(state, checkpoint_path, identity)
             history = _restore(training, state, checkpoint_path)
             log(f"{norm}: resumed from {checkpoint_path} after epoch {state['epoch']}")
-        train_epoch = training.epoch_trainer(progress=progress, desc=norm)
+        trainer = training.epoch_trainer(progress=options.progress, desc=norm)
     for epoch in range(len(history["test_acc"]) + 1, recipe["epochs"] + 1):
-        train_epoch.record()
+        trainer.record()  # outside DEVICE_LOCK.work(): recording takes it alone
         with DEVICE_LOCK.work():
-            _epoch(training, train_epoch, epoch, history=history, identity=identity,
+            _epoch(training, trainer, epoch, history=history, identity=identity,
                    checkpoint_path=checkpoint_path, log=log, norm=norm)
     return history
 
 
-def _epoch(training, train_epoch, epoch, *, history, identity, checkpoint_path, log, norm):
+def _epoch(training, trainer, epoch, *, history, identity, checkpoint_path, log, norm):
     """Train and test one epoch, append its figures to ``history``, write the checkpoint."""
     model, device, optimizer, recipe = training.model, training.device, training.optimizer, training.recipe
     start = time.perf_counter()
     lr = float(optimizer.param_groups[0]["lr"])  # a tensor under CUDA graphs: read it now
     try:
-        train_loss, train_acc = train_epoch(epoch)
-    except loop.NonFiniteLossError as err:
-        raise loop.NonFiniteLossError(err.batch, epoch) from None
+        train_loss, train_acc = trainer.train_epoch(epoch)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(err.batch, epoch) from None
     check_finite_state(model, epoch)
     test_loss, test_acc = loop.test(model, device, training.test_loader, training.criterion,
                                     amp_dtype=training.amp_dtype)

@@ -15,26 +15,10 @@ try:  # tqdm.auto draws a widget in notebooks, and warns (TqdmWarning) where ipy
 except ImportError:
     from tqdm import tqdm
 
+from .divergence import NonFiniteLossError, NonFiniteStateError  # noqa: F401 - loop.NonFinite*: older callers' names
 from .fast import steps
 
 REFRESH_SECONDS = 0.5  # how often the progress bar's loss/accuracy is read back from the device
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; ``batch`` is the first such batch (0-based)."""
-
-    def __init__(self, batch, epoch=None):
-        self.batch, self.epoch = batch, epoch
-        where = f"epoch {epoch}, batch {batch}" if epoch is not None else f"batch {batch}"
-        super().__init__(f"loss is NaN or infinite at {where}; lower the learning rate")
-
-
-class NonFiniteStateError(FloatingPointError):
-    """A parameter or buffer (e.g. BatchNorm's running variance) became NaN or infinite."""
-
-    def __init__(self, name, epoch):
-        self.name, self.epoch = name, epoch
-        super().__init__(f"{name} is NaN or infinite after epoch {epoch}; lower the learning rate")
 
 
 def GetCorrectPredCount(pPrediction, pLabels):

@@ -18,6 +18,7 @@ temporary files of a run killed mid-write (``.NAME.*.tmp``) are removed when the
 folder takes its lock.
 """
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -35,7 +36,7 @@ from . import models
 from . import plots
 from . import runtime as runtime_lib
 from .config import RunConfig
-from .fast.graph_epoch import DEVICE_LOCK
+from .runtime import DEVICE_LOCK
 
 
 class RunFolderError(ValueError):
@@ -208,8 +209,9 @@ def run_one(config: RunConfig, out: str | os.PathLike, *, dataset: dict | None =
         if record is not None:
             return record
         prepare_folder(run_dir, config, log=log)
-        return _train(config, run_dir, dataset=dataset, data_dir=data_dir, download=download, device=device,
-                      runtime=runtime, resume=resume, restart=restart, figures=figures, progress=progress, log=log)
+        options = fit_lib.FitOptions(device=device, runtime=runtime, resume=resume, progress=progress, log=log)
+        return _train(config, run_dir, options=options, dataset=dataset, data_dir=data_dir, download=download,
+                      restart=restart, figures=figures)
 
 
 def finished_record(run_dir, config):
@@ -242,10 +244,11 @@ def checkpoint_to_resume(run_dir, *, resume, restart):
     return checkpoint, resume and checkpoint.exists()
 
 
-def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, resume, restart, figures,
-           progress, log):
-    checkpoint, resume = checkpoint_to_resume(run_dir, resume=resume, restart=restart)
+def _train(config, run_dir, *, options, dataset, data_dir, download, restart, figures):
+    """Train ``config`` in ``run_dir`` (held) as ``options`` (:class:`fit.FitOptions`) say."""
+    checkpoint, resume = checkpoint_to_resume(run_dir, resume=options.resume, restart=restart)
     start = time.perf_counter()
+    device = options.device
     device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
     dataset = dataset if dataset is not None else load_data(config, data_dir=data_dir, download=download)
     recipe = config.recipe
@@ -254,11 +257,11 @@ def _train(config, run_dir, *, dataset, data_dir, download, device, runtime, res
     # The runtime the run had (fit may switch the Triton kernels off): this run's, even while
     # runs in other threads switch them off for the process.
     used = {}
-    history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, device=device, seed=config.seed,
-                          runtime=runtime, checkpoint_path=checkpoint, resume=resume,
-                          progress=progress, log=log, on_prepared=lambda training: used.update(training.runtime))
+    options = dataclasses.replace(options, device=device, checkpoint_path=checkpoint, resume=resume,
+                                  on_prepared=lambda training: used.update(training.runtime))
+    history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, seed=config.seed, options=options)
     return finish_run(config, run_dir, model=model, history=history, runtime=used, device=device, dataset=dataset,
-                      figures=figures, seconds=time.perf_counter() - start, log=log)
+                      figures=figures, seconds=time.perf_counter() - start, log=options.log)
 
 
 def finish_run(config, run_dir, *, model, history, runtime, device, dataset, figures, seconds, extra=None,
@@ -266,7 +269,7 @@ def finish_run(config, run_dir, *, model, history, runtime, device, dataset, fig
     """The end of a trained run: its final figures (flip TTA included), ``weights.pt``, the
     figures and, last, ``record.json``; returns the record. ``extra``: more record keys (a run
     trained in a stack says so)."""
-    with DEVICE_LOCK.work():  # evaluation and figures run on the GPU too (see fast.graph_epoch)
+    with DEVICE_LOCK.work():  # evaluation and figures run on the GPU too (see runtime.RecordingLock)
         test_loader = data_lib.test_loader(dataset, device=device)
         tta = loop.test(model, device, test_loader, torch.nn.CrossEntropyLoss(), tta_flip=True)[1]
         record = {"id": config.run_id, "config": config.to_dict(), "recipe": config.recipe,

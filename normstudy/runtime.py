@@ -1,4 +1,5 @@
-"""How a run executes (never what it computes): the device, and one switch for the fast path.
+"""How a run executes (never what it computes): the device, one switch for the fast path, and
+how the runs of one process share a GPU (:data:`DEVICE_LOCK`).
 
 A runtime is a small dict:
 
@@ -20,8 +21,10 @@ older than Ampere (compute capability 8.0, what Triton supports), and in a proce
 failed to compile or to pass their self-check (``fit.compile_kernels``), a run uses PyTorch's
 modules instead and says so once, in one line on stderr (:func:`kernels_off`).
 """
+import contextlib
 import importlib.util
 import sys
+import threading
 
 import torch
 
@@ -158,3 +161,56 @@ def runtime_for(device, preset="fast", *, norm=None, **overrides):
     if reason is not None and not runtime["triton_kernels"]:
         kernels_off(reason)
     return runtime
+
+
+# --- several runs in one process ------------------------------------------------------------------
+
+class RecordingLock:
+    """Several runs may train at once in threads of one process (the study's concurrent runs),
+    each on its own CUDA stream. Some steps must not overlap any other CUDA work of the process:
+    recording a CUDA graph (a device-wide synchronization, a cuDNN call, a copy from the CPU or
+    seeding the CUDA generator elsewhere invalidates the capture: all seen on the H100), and a
+    run's set-up (compiling Triton kernels while another thread launches them gave a self-check
+    error of 130 % there). So every run's CUDA work holds this lock shared (:meth:`work`) and
+    those steps hold it alone (:meth:`recording`, :meth:`alone`); a waiting one goes before new
+    work, so it waits at most for the epochs under way. They happen a few times per run, at its
+    start. With one run per process the lock never waits."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._working = 0
+        self._recording = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def work(self):
+        with self._changed:
+            self._changed.wait_for(lambda: not self._recording and not self._waiting)
+            self._working += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._working -= 1
+                self._changed.notify_all()
+
+    def alone(self):
+        """Hold the lock alone: no other thread's CUDA work runs meanwhile."""
+        return self.recording()
+
+    @contextlib.contextmanager
+    def recording(self):
+        with self._changed:
+            self._waiting += 1
+            self._changed.wait_for(lambda: not self._recording and not self._working)
+            self._waiting -= 1
+            self._recording = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._recording = False
+                self._changed.notify_all()
+
+
+DEVICE_LOCK = RecordingLock()  # one per process: CUDA graph capture is a process-wide affair

@@ -45,7 +45,8 @@ from . import recipe as recipe_lib
 from . import run as run_lib
 from . import runtime as runtime_lib
 from .fast.amp import LossScaler
-from .fast.graph_epoch import DEVICE_LOCK, GraphEpoch
+from .fast.graph_epoch import GraphEpoch
+from .runtime import DEVICE_LOCK
 
 # Recipe values the runs of one stack must share: one optimizer step, one schedule, one batch.
 SHARED = ("batch_size", "epochs", "lr_per_32", "pct_start", "div_factor", "final_div_factor", "momentum", "dropout")

@@ -70,16 +70,60 @@ def test_ray_runner_gives_the_records_and_files_of_run_one(ray_cluster, referenc
         assert comparable(record) == comparable(reference)
         run_dir = tmp_path / record["id"]
         assert comparable(json.loads((run_dir / "record.json").read_text())) == comparable(reference)
-        assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in reference_dir.iterdir())
-        for name in ("config.json", "curves.png", "misclassified.png"):
-            assert (run_dir / name).read_bytes() == (reference_dir / name).read_bytes(), name
-        ours, theirs = (checkpoints.load_torch(d / "weights.pt") for d in (run_dir, reference_dir))
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert_same_run_folder(run_dir, reference_dir)
     assert runner.actors == [] and runner.retries == 0
+
+
+def assert_same_run_folder(run_dir, reference_dir):
+    """The same files, figures and configuration byte for byte, and the same weights."""
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in reference_dir.iterdir())
+    for name in ("config.json", "curves.png", "misclassified.png"):
+        assert (run_dir / name).read_bytes() == (reference_dir / name).read_bytes(), name
+    ours, theirs = (checkpoints.load_torch(d / "weights.pt") for d in (run_dir, reference_dir))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 class _Interrupt(Exception):
     pass
+
+
+STACKED = [RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=3),
+           RunConfig(norm="bn", data="synthetic", epochs=1, batch_size=512, seed=4)]  # a stack holds one norm
+
+
+def test_a_stack_is_one_unit_on_one_worker_with_the_local_runners_records_and_files(ray_cluster, tmp_path):
+    # Issue 19, item 4: Ray workers train the units the local runner trains (runners.units), a stack
+    # of runs as one task on one worker; each run still comes back as an ordinary run folder.
+    from normstudy.runners.local import LocalRunner
+    local = []
+    LocalRunner(stack=2).run(STACKED, out=tmp_path / "local", device="cpu", on_record=local.append)
+    lines, records = [], []
+    threads = torch.get_num_threads()  # as many as the local runner had here: the same sums, bit for bit
+    runner = ray_runner.RayRunner(workers=1, cpus_per_worker=threads, runs_per_worker=2, stack=2, log=lines.append)
+    runner.run(STACKED, out=tmp_path / "ray", device="cpu", on_record=records.append)
+    assert lines == [f"ray: 1 worker(s) on 1 node(s), GPUs: 0 (CPU workers, {threads} CPU(s) each), "
+                     "2 unit(s) at a time per worker"]
+    runs = [config.run_id for config in STACKED]  # one stack of both, in norm order
+    assert [r["id"] for r in records] == runs and [r["stack"] for r in records] == [{"size": 2, "runs": runs}] * 2
+    by_id = {record["id"]: record for record in local}
+    for record in records:
+        assert comparable(record) == comparable(by_id[record["id"]])
+        assert_same_run_folder(tmp_path / "ray" / record["id"], tmp_path / "local" / record["id"])
+    assert runner.actors == [] and runner.retries == 0
+
+
+def test_the_study_command_trains_stacks_on_ray(ray_cluster, tmp_path, capsys):
+    # `--runner ray --stack 2`, once refused in one line, trains the grid's runs as stacks on the workers.
+    from conftest import call_main
+    from normstudy import study
+    out = tmp_path / "grid"
+    code, _, err = call_main(study.main, ["batch", "--smoke", "--norms", "bn", "--seeds", "0", "1", "--batch-sizes",
+                                          "512", "--runner", "ray", "--stack", "2", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    runs = ["bn-b512-e1-s0-synthetic", "bn-b512-e1-s1-synthetic"]
+    for run_id in runs:
+        assert run_lib.read_record(out / run_id)["stack"] == {"size": 2, "runs": runs}
+    assert "2 of 2 runs finished" in (out / "results.md").read_text()
 
 
 def test_a_lost_worker_loses_no_run_and_counts_none_twice(ray_cluster, references, tmp_path):

@@ -19,7 +19,7 @@ from normstudy import fit as fit_lib
 from normstudy import models
 from normstudy import recipe as recipe_lib
 from normstudy import runtime as runtime_lib
-from normstudy.fast import steps
+from normstudy.fast import self_check, steps
 from normstudy.fast.amp import LossScaler
 from normstudy.fast.optimizers import SGD
 
@@ -309,7 +309,7 @@ def test_the_self_check_does_not_blame_the_kernels_for_an_ill_conditioned_networ
     torch.manual_seed(0)
     model = models.CifarNet("gn", groups=32).to(device, memory_format=torch.channels_last)
     example = torch.zeros(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    assert fit_lib.kernels_self_check(model, example) is None
+    assert self_check.kernels_self_check(model, example) is None
 
 
 def test_a_run_records_the_runtime_it_trained_with(tmp_path, monkeypatch):
@@ -361,7 +361,7 @@ def test_compile_kernels_skips_a_self_check_that_passed_before(monkeypatch, caps
     monkeypatch.setattr(checked, "passed", lambda name: name in memo)
     monkeypatch.setattr(checked, "remember", memo.add)
     checks = []
-    monkeypatch.setattr(fit_lib, "kernels_self_check", lambda *args: checks.append(args) or None)
+    monkeypatch.setattr(self_check, "kernels_self_check", lambda *args: checks.append(args) or None)
     model = models.CifarNet("bn")
     runtime = dict(FP32_KERNELS)
     fit_lib.prepare_model(model, device, runtime)

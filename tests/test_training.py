@@ -126,8 +126,8 @@ def test_graph_epochs_take_the_same_steps_as_the_plain_loop(dataset, monkeypatch
         training = fit_lib.prepare(model, dataset, recipe=recipe, device="cpu", seed=0,
                                    runtime={"cuda_graph": graph_mode}, norm="bn")
         training._lr_on_device()
-        train_epoch = training.epoch_trainer(progress=False)
-        epochs = [(train_epoch(epoch), float(training.optimizer.param_groups[0]["lr"])) for epoch in (1, 2)]
+        trainer = training.epoch_trainer(progress=False)
+        epochs = [(trainer.train_epoch(epoch), float(training.optimizer.param_groups[0]["lr"])) for epoch in (1, 2)]
         results.append((epochs, training.scheduler.last_epoch, model.state_dict()))
     (plain, plain_steps, plain_state), (graphed, graphed_steps, graphed_state) = results
     assert graphed == plain and graphed_steps == plain_steps == 2 * -(-500 // batch_size)
@@ -340,11 +340,11 @@ def test_compile_by_mode_name_turns_channels_last_on(monkeypatch):
 
 
 def test_recording_waits_for_running_work_and_new_work_waits_for_recording():
-    """fast.graph_epoch.RecordingLock: a CUDA graph is recorded only while no other run's CUDA
+    """runtime.RecordingLock: a CUDA graph is recorded only while no other run's CUDA
     work is under way, and work that starts meanwhile waits (concurrent runs in one process)."""
     import threading
     import time
-    from normstudy.fast.graph_epoch import RecordingLock
+    from normstudy.runtime import RecordingLock
     lock, events = RecordingLock(), []
     working = threading.Event()
 

@@ -19,64 +19,12 @@ rest and for the smaller last batch: no host synchronization until the epoch's f
 The steps, their order, their data and their learning rates are exactly those of the plain loop
 (off CUDA the same steps run unrecorded, which is how the tests compare the two).
 """
-import contextlib
-import threading
-
 import torch
 
 from .. import data as data_lib
+from ..divergence import NonFiniteLossError
+from ..runtime import DEVICE_LOCK
 from . import steps as steps_lib
-
-
-class RecordingLock:
-    """Several runs may train at once in threads of one process (the study's concurrent runs),
-    each on its own CUDA stream. Some steps must not overlap any other CUDA work of the process:
-    recording a CUDA graph (a device-wide synchronization, a cuDNN call, a copy from the CPU or
-    seeding the CUDA generator elsewhere invalidates the capture: all seen on the H100), and a
-    run's set-up (compiling Triton kernels while another thread launches them gave a self-check
-    error of 130 % there). So every run's CUDA work holds this lock shared (:meth:`work`) and
-    those steps hold it alone (:meth:`recording`, :meth:`alone`); a waiting one goes before new
-    work, so it waits at most for the epochs under way. They happen a few times per run, at its
-    start. With one run per process the lock never waits."""
-
-    def __init__(self):
-        self._changed = threading.Condition()
-        self._working = 0
-        self._recording = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def work(self):
-        with self._changed:
-            self._changed.wait_for(lambda: not self._recording and not self._waiting)
-            self._working += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._working -= 1
-                self._changed.notify_all()
-
-    def alone(self):
-        """Hold the lock alone: no other thread's CUDA work runs meanwhile."""
-        return self.recording()
-
-    @contextlib.contextmanager
-    def recording(self):
-        with self._changed:
-            self._waiting += 1
-            self._changed.wait_for(lambda: not self._recording and not self._working)
-            self._waiting -= 1
-            self._recording = True
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._recording = False
-                self._changed.notify_all()
-
-
-DEVICE_LOCK = RecordingLock()  # one per process: CUDA graph capture is a process-wide affair
 
 
 def chunk_for(batch_size, *, images_per_chunk=8192, most=64):
@@ -185,7 +133,7 @@ class GraphEpoch:
 
     def record(self):
         """Record the graphs an epoch needs, if not yet done; call it outside
-        :meth:`RecordingLock.work` (it takes the lock alone)."""
+        :meth:`runtime.RecordingLock.work` (it takes the lock alone)."""
         if not self.recorded:
             return
         for key, count in self._shapes():
@@ -202,11 +150,11 @@ class GraphEpoch:
             self.graphs[key] = self._record(*key)
         self.graphs[key].replay()
 
-    def train_epoch(self):
-        """One epoch; returns ``(mean loss, accuracy in %)`` as the plain loop does, or raises
-        :class:`~normstudy.loop.NonFiniteLossError` naming the first bad batch. For a stack of runs:
+    def train_epoch(self, epoch=None):
+        """One epoch (``epoch``, its number, is for the eager epoch's face: ``fit.EagerEpoch``);
+        returns ``(mean loss, accuracy in %)`` as the plain loop does, or raises
+        :class:`~normstudy.divergence.NonFiniteLossError` naming the first bad batch. For a stack of runs:
         ``(losses, accuracies, first bad batches)``, lists of one entry per run (-1: none bad)."""
-        from ..loop import NonFiniteLossError
         self.model.train()
         images, labels = self.loader.epoch_tensors()
         self.images.copy_(images)

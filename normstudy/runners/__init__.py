@@ -1,7 +1,8 @@
 """Runners: who executes a list of runs, and where. The study (:func:`normstudy.study.run_grid`)
 hands one a list of :class:`~normstudy.config.RunConfig` and gets each run's record back.
 
-The interface every runner keeps (``LocalRunner`` here, a Ray runner in ``runners/ray.py``)::
+The interface every runner keeps (``LocalRunner`` in ``runners/local.py``, a Ray runner whose
+driver is ``runners/ray.py`` and whose workers are ``runners/ray_worker.py``)::
 
     runner.run(configs, *, out, data_dir, download, device, runtime, on_record) -> None
 
@@ -30,7 +31,11 @@ The interface every runner keeps (``LocalRunner`` here, a Ray runner in ``runner
 - Errors that concern every run (no such device, the dataset missing) are raised before any run
   starts, as they are (``ValueError``, ``data.DatasetError``...).
 
-:func:`make_runner` builds a runner by name (``train``'s ``--runner`` option).
+:func:`make_runner` builds a runner by name (``train``'s ``--runner`` option). What runners do alike
+with their runs (units of one run or a stack, datasets loaded once, a CUDA stream per unit) is
+:mod:`normstudy.runners.units`; ``base`` holds the failure report and run folders as bytes. Inside
+the package: ``base`` and ``units`` first, then ``local``, ``ray_worker`` and ``ray``, each
+importing only from those before it.
 """
 from .base import RunsFailed, failure_line, pack_run_folder, unpack_run_folder  # noqa: F401
 
@@ -42,7 +47,7 @@ def make_runner(name="local", *, concurrency=None, address=None, log=None, stack
     process; ``concurrency`` runs at once, default 1) or ``"ray"`` (:class:`~normstudy.runners.ray.RayRunner`,
     Ray actors on this machine or a cluster; ``concurrency`` is then the runs each worker trains at
     once, default 2 on a GPU and 1 on CPUs). ``stack``: runs trained as one model (an int or
-    ``"auto"``, see :mod:`normstudy.stack`; local runner only for now). ``log`` receives progress
+    ``"auto"``, see :mod:`normstudy.stack`; ``concurrency`` then counts stacks). ``log`` receives progress
     lines (local: one per epoch of each run; ray: the cluster and lost workers), or nothing.
     ``ValueError`` (one line) for an unknown or unavailable runner or an option it does not take."""
     if name == "local":
@@ -51,11 +56,9 @@ def make_runner(name="local", *, concurrency=None, address=None, log=None, stack
         from .local import LocalRunner
         return LocalRunner(concurrency=1 if concurrency is None else concurrency, log=log, stack=stack)
     if name == "ray":
-        if stack != 1:
-            raise ValueError("--stack applies to the local runner only (Ray workers train one run at a time)")
         from . import ray as ray_runner  # imports without Ray; RayRunner says how to install it
         try:
-            return ray_runner.RayRunner(address=address, runs_per_worker=concurrency,
+            return ray_runner.RayRunner(address=address, runs_per_worker=concurrency, stack=stack,
                                         log=log or (lambda line: None))
         except ray_runner.RayRunnerError as err:
             raise ValueError(str(err)) from None

@@ -1,8 +1,8 @@
 """Runs in this process: one after another, or ``concurrency`` at a time in threads.
 
 The dataset is read once per kind of data in the list (CIFAR-10, synthetic, a holdout split),
-moved to the device once and shared by every run (each run's loaders then find it there:
-``DeviceLoader``'s ``images.to(device)`` costs nothing). Runs write straight into ``out``.
+moved to the device once and shared by every run (:class:`~normstudy.runners.units.Datasets`).
+Runs write straight into ``out``.
 
 With ``concurrency > 1`` each run trains in a thread of its own, on CUDA under a CUDA stream of its
 own (``torch.cuda.stream``), so that small runs that leave the GPU idle between launches overlap.
@@ -16,7 +16,8 @@ of up to that many runs, each stack one model (:mod:`normstudy.stack`); ``concur
 counts stacks at once. Stacks hold runs of one norm (faster than mixed ones). ``"auto"`` stacks on
 CUDA only, and only groups of at least ``stack.AUTO_MIN_RUNS`` runs of one norm (smaller stacks
 lose to single runs on streams; :func:`stack.auto_size`); 1 is one run at a time, as before stacks
-existed.
+existed. What trains together, and how, is :mod:`normstudy.runners.units`
+(the Ray workers train the same units).
 
 Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``
 does: its last complete epoch is in its checkpoint. With threads, the running runs stop at the
@@ -37,14 +38,11 @@ import torch
 
 from .. import run as run_lib
 from .. import runtime as runtime_lib
+from . import units as units_lib
 from .base import RunsFailed, failure_line
-
+from .units import Stopped
 
 BUSY_POLL_SECONDS = 1.0  # how often a run whose folder another process holds is tried again
-
-
-class _Stopped(Exception):
-    """Raised inside a worker thread at an epoch boundary once the runner is told to stop."""
 
 
 class _Todo:
@@ -98,8 +96,7 @@ class LocalRunner:
     def __init__(self, concurrency=1, *, log=None, figures=True, stack=1):
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency={concurrency!r} must be a whole number >= 1")
-        if stack != "auto" and (isinstance(stack, bool) or not isinstance(stack, int) or stack < 1):
-            raise ValueError(f"stack={stack!r} must be a whole number >= 1 or auto")
+        units_lib.check_stack(stack)
         self.concurrency = concurrency
         self.stack = stack
         self.log = log
@@ -124,60 +121,18 @@ class LocalRunner:
 
     # --- the pieces ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _data_key(config):
-        return config.data, config.holdout
-
     def _load_datasets(self, configs, *, data_dir, download, device):
-        """One dataset per kind of data among ``configs``, on ``device``."""
-        datasets = {}
-        for config in configs:
-            key = self._data_key(config)
-            if key not in datasets:
-                dataset = run_lib.load_data(config, data_dir=data_dir, download=download)
-                datasets[key] = {name: value.to(device) if torch.is_tensor(value) else value
-                                 for name, value in dataset.items()}
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the copies are done before other streams read them
-        return datasets
+        """One dataset per kind of data among ``configs``, on ``device`` (by :func:`units.data_key`)."""
+        return units_lib.Datasets(data_dir=data_dir, download=download, device=device).load(configs)
 
     def _units(self, configs, *, datasets, device):
-        """What trains together: one run each (``stack=1``) or stacks (:func:`stack.plan_stacks`)."""
-        if self.stack == 1:
-            return [[config] for config in configs]
-        from .. import stack as stack_lib
-        size, least = self.stack, 1
-        if size == "auto":
-            least = stack_lib.AUTO_MIN_RUNS
-
-            def size(config):
-                return stack_lib.auto_size(config, device=device,
-                                           train_images=datasets[self._data_key(config)]["train_images"])
-        return stack_lib.plan_stacks(configs, size, min_size=least)
+        """What trains together: one run each (``stack=1``) or stacks (:func:`units.plan_units`)."""
+        return units_lib.plan_units(configs, self.stack, device=device, datasets=datasets)
 
     def _run_unit(self, unit, *, out, datasets, device, runtime, epoch_hook=None):
-        """Train ``unit`` (a list of configs: one run, or a stack); ``[(config, record or
-        exception)]``. An interruption (``KeyboardInterrupt``, the runner's stop) goes through."""
-        def log(line, prefix=""):
-            if self.log is not None:
-                self.log(f"{prefix}{line}")
-            if epoch_hook is not None:
-                epoch_hook()
-        dataset = datasets[self._data_key(unit[0])]
-        if len(unit) > 1:
-            from .. import stack as stack_lib
-            return stack_lib.train_stack(unit, out, dataset=dataset, device=device, runtime=runtime, resume=True,
-                                         figures=self.figures, log=log)
-        config = unit[0]
-        try:
-            record = run_lib.run_one(config, out, dataset=dataset, device=device, runtime=runtime, resume=True,
-                                     figures=self.figures, progress=False,
-                                     log=lambda line: log(line, prefix=f"{config.run_id}: "))
-        except _Stopped:
-            raise
-        except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
-            return [(config, err)]
-        return [(config, record)]
+        """Train ``unit`` (:func:`units.run_unit`): ``[(config, record or exception)]``."""
+        return units_lib.run_unit(unit, out, dataset=datasets[units_lib.data_key(unit[0])], device=device,
+                                  runtime=runtime, figures=self.figures, log=self.log, epoch_hook=epoch_hook)
 
     def _run_in_turn(self, units, *, on_record, **options):
         failures = {}
@@ -199,23 +154,18 @@ class LocalRunner:
 
         def check_stop():
             if stop.is_set():
-                raise _Stopped
+                raise Stopped
 
         def worker():
-            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             try:
                 while not stop.is_set():
                     unit = todo.take(pause=stop.wait)
                     if unit is None or stop.is_set():
                         return
                     try:
-                        if stream is not None:
-                            with torch.cuda.stream(stream):
-                                outcomes = self._run_unit(unit, device=device, epoch_hook=check_stop, **options)
-                            stream.synchronize()
-                        else:
+                        with units_lib.own_stream(device):
                             outcomes = self._run_unit(unit, device=device, epoch_hook=check_stop, **options)
-                    except _Stopped:
+                    except Stopped:
                         continue
                     except BaseException as err:  # noqa: BLE001 - reported to the driver thread
                         for config in unit:

@@ -1,37 +1,41 @@
-"""The Ray runner: a grid's runs on long-lived Ray actors, on this machine or on a cluster.
+"""The Ray runner's driver: a grid's runs on long-lived Ray actors, on this machine or on a cluster.
 
     runner = RayRunner()                  # an embedded Ray on this machine, stopped at the end
     runner = RayRunner(address="auto")    # join the cluster that `ray start` runs here
     runner.run(configs, out="results", on_record=print)
 
-It keeps the runners' interface (:mod:`normstudy.runners`); what is particular to it:
+It keeps the runners' interface (:mod:`normstudy.runners`); this module connects to Ray, sizes
+and starts the workers (:class:`~normstudy.runners.ray_worker.Worker`, which trains what it is
+sent), schedules, stops and writes what comes back. What is particular to it:
 
 **Workers.** One actor per GPU of the cluster (``num_gpus=1, num_cpus=0`` each). On a cluster
 without GPUs (or with ``device="cpu"``) one actor per ``cpus_per_worker`` CPUs of a node
 (default 2: the CNN trains best on a few threads per process, and processes share no GIL).
 ``workers=N`` asks for N (at most as many as fit). Each worker is a threaded actor that trains
-``runs_per_worker`` runs at once (default: 2 on a GPU, where one small run leaves the GPU partly
+``runs_per_worker`` units at once (default: 2 on a GPU, where one small run leaves the GPU partly
 idle; 1 on CPUs, which one run keeps busy), each call in its own thread and, on CUDA, on its own
-stream (what makes runs in threads safe is in :mod:`normstudy.runners.local`). A worker loads
-each dataset once, at its start (on its device, keyed by ``(data, holdout, data_dir)``; a missing
-dataset is raised there, before any run starts), and keeps its compiled Triton kernels in memory
-for all its runs; its Triton and Inductor caches live in a folder of its own
-(``$TMPDIR/normstudy-ray-<user>/worker-<i>/``, held under a file lock and found warm by later
-workers), since concurrent writers to one cache are a known source of errors.
+stream. A unit is what the local runner trains as one (:mod:`normstudy.runners.units`): one run,
+or with ``stack`` K (or ``"auto"``) a stack of runs trained as one model, as one task on one
+worker. A worker loads each dataset once, at its start (a missing dataset is raised there,
+before any run starts); its caches are its own (see :mod:`normstudy.runners.ray_worker`).
 
-**Run folders travel.** Nodes share no filesystem: an interrupted run's folder (``config.json``,
-``checkpoint.pt``) goes to the worker, which continues it in a scratch folder of its own; the
-finished folder comes back as bytes (:func:`~normstudy.runners.pack_run_folder`, checkpoint
-included: ``out`` ends as the local runner leaves it) and is written into ``out/<run id>/``
-atomically, ``record.json`` last, before ``on_record`` hears of it. A relative ``data_dir`` is
-taken from the driver's working directory; on other nodes the dataset is read (or downloaded)
-at that same path.
+**Run folders travel.** Nodes share no filesystem: a unit's interrupted run folders
+(``config.json``, ``checkpoint.pt``) go to the worker, which continues them in a scratch folder
+of its own; each finished folder comes back as bytes (:func:`~normstudy.runners.pack_run_folder`,
+checkpoint included: ``out`` ends as the local runner leaves it) and is written into
+``out/<run id>/`` atomically, ``record.json`` last, before ``on_record`` hears of it. A relative
+``data_dir`` is taken from the driver's working directory; on other nodes the dataset is read (or
+downloaded) at that same path.
 
-**Faults.** A worker that dies (killed process, lost node) is replaced; its unfinished runs go
-back to the queue and start again (from the checkpoint they came with) on another worker, up to
-``max_attempts`` times each, then count as failed. A run id is written and reported at most once.
+**Faults.** A worker that dies (killed process, lost node) is restarted by Ray (the actor's
+``max_restarts``, ``max_attempts`` times; on another node if its own is gone) and takes units
+again once it answers; the units it was training go back to the queue and start again (from the
+checkpoints they came with) on whichever worker is free first, up to ``max_attempts`` times each,
+then count as failed. (Ray's own task retries would send them to the same, restarting worker, and
+silently.) Once Ray has given every worker up the runner stops in one line. A run id is written
+and reported at most once.
 
-**Stopping.** On Ctrl-C (or an exception from ``on_record``) no new run starts, each running
+**Stopping.** On Ctrl-C (or an exception from ``on_record``) no new unit starts, each running
 run's last complete epoch comes back from its worker as its checkpoint (at once: a worker writes
 one after every epoch), and the exception goes on; a second Ctrl-C quits without waiting.
 
@@ -40,19 +44,16 @@ module imports without it; :class:`RayUnavailableError` then says in one line ho
 """
 import collections
 import contextlib
-import getpass
 import logging
 import os
-import shutil
 import socket
-import tempfile
-import threading
 from pathlib import Path
 
 from .. import checkpoints
 from .. import run as run_lib
-from ..config import RunConfig
+from . import units as units_lib
 from .base import RunsFailed, failure_line, pack_run_folder, unpack_run_folder
+from .ray_worker import Worker
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 CPUS_PER_WORKER = 2
@@ -184,34 +185,39 @@ class RayRunner:
     returns); ``"auto"`` or ``"HOST:PORT"`` joins a running cluster. If Ray is connected already
     (``ray.init`` called by the program), that connection is used and left open.
     ``workers``: how many actors (default: one per GPU; without GPUs one per ``cpus_per_worker``
-    CPUs). ``runs_per_worker``: runs a worker trains at once (default 2 on a GPU, 1 on CPUs).
-    ``cpus_per_worker``: CPUs (torch threads) per CPU worker (default 2, or CPUs / ``workers``).
-    ``max_attempts``: how often a run is started on a worker that then dies before it counts as
-    failed. ``log``: receives the runner's few lines (the cluster at the start, lost workers,
-    stopping). ``init_kwargs``: for ``ray.init`` when this runner connects.
+    CPUs). ``runs_per_worker``: units (runs, or stacks) a worker trains at once (default 2 on a
+    GPU, 1 on CPUs). ``cpus_per_worker``: CPUs (torch threads) per CPU worker (default 2, or CPUs /
+    ``workers``). ``stack``: runs trained as one model (an int or ``"auto"``, as the local runner's;
+    ``"auto"`` is sized on a worker, for its device). ``max_attempts``: how often a run is started
+    on a worker that then dies before it counts as failed, and how often Ray restarts a lost
+    worker. ``log``: receives the runner's few
+    lines (the cluster at the start, lost workers, stopping). ``init_kwargs``: for ``ray.init``
+    when this runner connects.
     """
 
     def __init__(self, address=None, *, workers=None, runs_per_worker=None, cpus_per_worker=None, max_attempts=3,
-                 log=print, init_kwargs=None):
+                 stack=1, log=print, init_kwargs=None):
         import_ray()  # fail now, in one line, if Ray is missing
         for name, value in (("workers", workers), ("runs_per_worker", runs_per_worker),
                             ("cpus_per_worker", cpus_per_worker), ("max_attempts", max_attempts)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+        units_lib.check_stack(stack)
         self.address = address
         self.workers = workers
         self.runs_per_worker = runs_per_worker
         self.cpus_per_worker = cpus_per_worker
         self.max_attempts = max_attempts
+        self.stack = stack
         self.log = log or (lambda line: None)
         self.init_kwargs = dict(init_kwargs or {})
-        self.retries = 0  # runs started again after their worker was lost, over all calls of run()
+        self.retries = 0  # units started again after their worker was lost, over all calls of run()
         self._pool = None
 
     @property
     def actors(self):
-        """Handles of the live workers while :meth:`run` runs (for tests and monitoring)."""
-        return [worker.actor for worker in self._pool.live()] if self._pool else []
+        """Handles of the workers while :meth:`run` runs (for tests and monitoring)."""
+        return [worker.actor for worker in self._pool.handles] if self._pool else []
 
     def run(self, configs, *, out, data_dir="./data", download=True, device="auto", runtime=None, on_record):
         """Run ``configs`` into ``out``; ``on_record(record)`` in this thread as each finishes
@@ -235,10 +241,10 @@ class RayRunner:
             try:
                 pending = [config for config in pending if self._claim(out / config.run_id, config, failures)]
                 if pending:
-                    call = dict(data_dir=str(Path(data_dir).expanduser().resolve()), download=download,
-                                runtime=runtime)
-                    self._pool = _Pool(ray, self, device=device, data=_data_configs(pending), call=call)
-                    failures.update(self._schedule(ray, pending, out=out, on_record=on_record, call=call))
+                    plan = None if self.stack != "auto" else ([c.to_dict() for c in pending], self.stack)
+                    self._pool = _Pool(ray, self, device=device, data=_data_configs(pending), plan=plan,
+                                       data_dir=str(Path(data_dir).expanduser().resolve()), download=download)
+                    failures.update(self._schedule(ray, pending, out=out, on_record=on_record, runtime=runtime))
             finally:
                 if self._pool is not None:
                     self._pool.close()
@@ -263,31 +269,39 @@ class RayRunner:
             return False
         return True
 
-    def _schedule(self, ray, pending, *, out, on_record, call):
-        """Keep every ready worker's slots full until each run finished or failed; returns the
+    def _units(self, pending, info):
+        """The units ``pending`` trains as (:func:`units.plan_units`): planned here for a fixed
+        ``stack``, on the first worker that started for ``"auto"`` (its ``info``)."""
+        if self.stack != "auto":
+            return units_lib.plan_units(pending, self.stack, device=None, datasets=None)
+        by_id = {config.run_id: config for config in pending}
+        return [[by_id[run_id] for run_id in unit] for unit in info["units"]]
+
+    def _schedule(self, ray, pending, *, out, on_record, runtime):
+        """Keep every ready worker's slots full until each unit finished or failed; returns the
         failures ``{run id: why}``."""
         pool = self._pool
-        queue = collections.deque((config, 1) for config in pending)
-        in_flight = {}  # object ref -> (worker, config, attempt)
+        queue = None if self.stack == "auto" else collections.deque((unit, 1) for unit in self._units(pending, None))
+        in_flight = {}  # object ref -> (worker, unit, attempt, the worker's life it was sent to)
         finished, failures = set(), {}
         stalled = False
 
         def dispatch():
             for worker in pool.ready():
                 while queue and worker.running < pool.runs_per_worker:
-                    config, attempt = queue.popleft()
-                    run_dir = out / config.run_id
-                    files = pack_run_folder(run_dir) if (run_dir / "checkpoint.pt").exists() else None
-                    ref = worker.actor.run.remote(config.to_dict(), files=files, device=pool.device, **call)
-                    in_flight[ref] = (worker, config, attempt)
+                    unit, attempt = queue.popleft()
+                    files = {config.run_id: pack_run_folder(out / config.run_id) for config in unit
+                             if (out / config.run_id / "checkpoint.pt").exists()}
+                    ref = worker.actor.run.remote([config.to_dict() for config in unit], files=files, runtime=runtime)
+                    in_flight[ref] = (worker, unit, attempt, worker.life)
                     worker.running += 1
 
         try:
-            while queue or in_flight:
+            while queue is None or queue or in_flight:
                 dispatch()
                 waiting = list(in_flight) + pool.starting_refs()
                 if not waiting:
-                    raise RayRunnerError("ray: no worker left to run on")  # not reached: lost workers are replaced
+                    raise RayRunnerError("ray: no worker left to run on")  # not reached: see _Pool.started
                 done, _ = ray.wait(waiting, num_returns=1, timeout=STALL_SECONDS)
                 if not done:
                     if not in_flight and not stalled:  # say once why nothing happens
@@ -297,69 +311,80 @@ class RayRunner:
                     continue
                 [ref], stalled = done, False
                 if ref not in in_flight:
-                    pool.started(ref)
+                    info = pool.started(ref)
+                    if queue is None and info is not None:  # stack="auto": the first worker planned the units
+                        queue = collections.deque((unit, 1) for unit in self._units(pending, info))
                     continue
-                # A finished run stays in flight until its files are written: stopping meanwhile
+                # A finished unit stays in flight until its files are written: stopping meanwhile
                 # (Ctrl-C while they come back) delivers it rather than losing it.
-                worker, config, attempt = in_flight[ref]
+                worker, unit, attempt, life = in_flight[ref]
                 worker.running -= 1
                 try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as err:  # the run itself failed: the others go on
+                    results = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:  # the unit itself failed: the others go on
                     del in_flight[ref]
-                    failures[config.run_id] = failure_line(_cause(err))
+                    failures.update((config.run_id, failure_line(_cause(err))) for config in unit)
                     continue
                 except ray.exceptions.RayError as err:  # the worker (or its node) is lost: run it again elsewhere
                     del in_flight[ref]
-                    pool.lost(worker, err)
-                    pool.check_ready()  # its node's other workers may be gone too: no run goes to them
+                    pool.lost(worker, err, life=life)
+                    ids = ", ".join(config.run_id for config in unit)
                     if attempt >= self.max_attempts:
-                        failures[config.run_id] = f"lost its worker {attempt} times (last: {_one_line(err)})"
+                        failures.update((config.run_id, f"lost its worker {attempt} times (last: {_one_line(err)})")
+                                        for config in unit)
                         continue
                     self.retries += 1
-                    self.log(f"ray: {config.run_id} goes back to the queue (attempt {attempt + 1} of {self.max_attempts})")
-                    queue.appendleft((config, attempt + 1))
+                    self.log(f"ray: {ids} goes back to the queue (attempt {attempt + 1} of {self.max_attempts})")
+                    queue.appendleft((unit, attempt + 1))
                     continue
-                if config.run_id in finished:  # never written or reported twice
-                    del in_flight[ref]
-                    continue
-                pool.succeeded()
-                dispatch()  # the worker's next run starts while this one is written and reported
-                record = _write_run(out / config.run_id, result["files"])
-                finished.add(config.run_id)
+                dispatch()  # the worker's next unit starts while this one is written and reported
+                self._deliver(results, out=out, finished=finished, failures=failures, on_record=on_record)
                 del in_flight[ref]
-                on_record(record)
         except BaseException:
             self._stop(ray, in_flight, out=out, finished=finished, on_record=on_record)
             raise
         return failures
 
+    @staticmethod
+    def _deliver(results, *, out, finished, failures, on_record):
+        """Write each finished run of a unit's ``results`` into ``out`` and report it, once."""
+        for result in results:
+            if result["id"] in finished:  # never written or reported twice
+                continue
+            if "failed" in result:
+                failures[result["id"]] = result["failed"]
+                continue
+            record = _write_run(out / result["id"], result["files"])
+            finished.add(result["id"])
+            on_record(record)
+
     def _stop(self, ray, in_flight, *, out, finished, on_record):
-        """Stopping: the runs that finished are delivered, and each running run's last complete
+        """Stopping: the units that finished are delivered, and each running run's last complete
         epoch comes from its worker into its folder (its checkpoint)."""
         if not in_flight:
             return
-        self.log(f"ray: stopping; the {len(in_flight)} running run(s) keep their last complete epoch "
+        self.log(f"ray: stopping; the {len(in_flight)} running unit(s) keep their last complete epoch "
                  "(Ctrl-C again to quit now)")
         done, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
-        running = {}
-        for ref, (worker, config, _) in in_flight.items():
-            if ref not in done and worker.state == "ready":
-                running[worker.actor.snapshot.remote(config.run_id)] = config
-        answered, _ = ray.wait(list(running), num_returns=len(running), timeout=STOP_SECONDS) if running else ([], [])
-        results = [(ref, in_flight[ref][1], lambda r: r["files"]) for ref in done]
-        results += [(ref, running[ref], lambda files: files) for ref in answered]
-        for ref, config, files_of in results:
-            if config.run_id in finished:
-                continue
+        running = [worker.actor.snapshot.remote([config.run_id for config in unit])
+                   for ref, (worker, unit, _, _) in in_flight.items() if ref not in done and worker.state == "ready"]
+        answered, _ = ray.wait(running, num_returns=len(running), timeout=STOP_SECONDS) if running else ([], [])
+        for ref in [*done, *answered]:
             try:
-                files = files_of(ray.get(ref))
-                record = _write_run(out / config.run_id, files) if files else None
-                if record is not None:
-                    finished.add(config.run_id)
-                    on_record(record)
+                got = ray.get(ref)
+                files = [(r["id"], r["files"]) for r in got if "files" in r] if ref in done else list(got.items())
             except Exception:  # noqa: BLE001 - stopping: what cannot be saved is run again next time
-                pass
+                continue
+            for run_id, run_files in files:
+                if run_id in finished:
+                    continue
+                try:
+                    record = _write_run(out / run_id, run_files)
+                    if record is not None:
+                        finished.add(run_id)
+                        on_record(record)
+                except Exception:  # noqa: BLE001
+                    pass
 
 
 def _write_run(run_dir, files):
@@ -397,15 +422,16 @@ def _data_configs(configs):
 class _Handle:
     def __init__(self, index, actor, ready_ref):
         self.index, self.actor, self.ready_ref = index, actor, ready_ref
-        self.state = "starting"  # -> "ready" -> "dead"
+        self.state = "starting"  # -> "ready"; back to "starting" while Ray restarts it; "dead" once given up
         self.running = 0
+        self.life = 0  # how often it was lost: a unit sent to an earlier life that fails is no new loss
         self.info = None
 
 
 class _Pool:
-    """The workers: started, replaced when lost, killed at the end."""
+    """The workers: started, restarted by Ray when lost (``max_restarts``), killed at the end."""
 
-    def __init__(self, ray, runner, *, device, data, call):
+    def __init__(self, ray, runner, *, device, data, plan, data_dir, download):
         self.ray, self.runner = ray, runner
         if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
             raise RayRunnerError(f"ray: device {device!r}: the ray runner trains on cuda or cpu (try auto)")
@@ -440,24 +466,25 @@ class _Pool:
         kind = (f"GPUs: {count} of {gpus}, one per worker" if use_gpus else
                 f"GPUs: {gpus} (CPU workers, {self.options['num_cpus']} CPU(s) each)")
         runner.log(f"ray: {count} worker(s) on {len(nodes)} node(s), {kind}, "
-                   f"{self.runs_per_worker} run(s) at a time per worker")
-        # One thread more than runs: a worker always answers the driver (snapshot on Ctrl-C).
-        self.actor_class = ray.remote(_Worker).options(
-            **self.options, max_concurrency=self.runs_per_worker + 1, max_restarts=0, scheduling_strategy="SPREAD")
-        self.worker_args = dict(device=self.device, threads=threads)
-        self.ready_args = dict(configs=data, data_dir=call["data_dir"], download=call["download"])
+                   f"{self.runs_per_worker} {'unit' if runner.stack != 1 else 'run'}(s) at a time per worker")
+        # One thread more than units: a worker always answers the driver (snapshot on Ctrl-C).
+        # Ray restarts a worker whose process or node is lost, up to max_attempts times; the units
+        # it was training come back to the driver as errors and go back to the queue, to whichever
+        # worker is free first (no task retries for them: Ray would send them to the same worker,
+        # and say nothing). Its ready() is retried by Ray until it has restarted.
+        self.actor_class = ray.remote(Worker).options(
+            **self.options, max_concurrency=self.runs_per_worker + 1, max_restarts=runner.max_attempts,
+            max_task_retries=0, scheduling_strategy="SPREAD")
+        self.ready_args = dict(configs=data, plan=plan)
         self.handles = []
-        self.count = count
-        self.failures_in_a_row = 0
         for index in range(count):
-            self._start(index)
+            actor = self.actor_class.remote(device=self.device, threads=threads, data_dir=data_dir, download=download)
+            self.handles.append(_Handle(index, actor, self._ready(actor)))
 
-    def _start(self, index):
-        actor = self.actor_class.remote(**self.worker_args)
-        self.handles.append(_Handle(index, actor, actor.ready.remote(**self.ready_args)))
-
-    def live(self):
-        return [h for h in self.handles if h.state != "dead"]
+    def _ready(self, actor):
+        """``actor.ready()``, sent again by Ray until the actor has (re)started; it fails only
+        once Ray gives the actor up."""
+        return actor.ready.options(max_task_retries=-1).remote(**self.ready_args)
 
     def ready(self):
         return [h for h in self.handles if h.state == "ready"]
@@ -466,181 +493,37 @@ class _Pool:
         return [h.ready_ref for h in self.handles if h.state == "starting"]
 
     def started(self, ref):
+        """A worker answered its ``ready()``: its info, or ``None`` if Ray gave it up (lost more
+        than ``max_attempts`` times, or it could not start): it is gone, and when all are, the
+        runner stops in one line."""
         handle = next(h for h in self.handles if h.state == "starting" and h.ready_ref == ref)
         try:
             handle.info = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as err:  # e.g. no dataset: it concerns every run
             raise _cause(err) from None
         except self.ray.exceptions.RayError as err:
-            self.lost(handle, err)
-            return
+            handle.state = "dead"
+            if all(h.state == "dead" for h in self.handles):
+                raise RayRunnerError(f"ray: every worker lost for good (the last: {_one_line(err)}); see the Ray "
+                                     "logs (/tmp/ray/session_latest/logs)") from None
+            self.runner.log(f"ray: worker {handle.index} lost for good ({_one_line(err)})")
+            return None
         handle.state = "ready"
+        return handle.info
 
-    def check_ready(self, timeout=10):
-        """Ask every ready worker whether it is alive (a spare thread answers at once even when
-        its runs keep the others busy); those that are not are replaced."""
-        pings = {h.actor.ping.remote(): h for h in self.ready()}
-        answered, _ = self.ray.wait(list(pings), num_returns=len(pings), timeout=timeout) if pings else ([], [])
-        for ref in answered:
-            try:
-                self.ray.get(ref)
-            except self.ray.exceptions.RayError as err:
-                self.lost(pings[ref], err)
-
-    def succeeded(self):
-        self.failures_in_a_row = 0
-
-    def lost(self, handle, err):
-        """``handle``'s worker died (or never started): replace it, unless workers keep dying."""
-        if handle.state == "dead":
+    def lost(self, handle, err, *, life):
+        """``handle``'s worker died in its life ``life`` (a unit sent to it failed so): Ray starts
+        it again, and it takes units once it answers ``ready()`` (its datasets loaded again). Said
+        once for all the units that failed with that life."""
+        if life != handle.life or handle.state == "dead":
             return
-        handle.state = "dead"
-        with contextlib.suppress(Exception):
-            self.ray.kill(handle.actor, no_restart=True)
-        self.failures_in_a_row += 1
-        if self.failures_in_a_row > self.count * self.runner.max_attempts:
-            raise RayRunnerError(f"ray: {self.failures_in_a_row} workers lost in a row, none finished a run "
-                                 f"(last: {_one_line(err)}); see the Ray logs (/tmp/ray/session_latest/logs)")
+        handle.life += 1
         self.runner.log(f"ray: worker {handle.index} lost ({_one_line(err)}); starting another")
-        self._start(handle.index)
+        handle.state = "starting"
+        handle.ready_ref = self._ready(handle.actor)
 
     def close(self):
         for handle in self.handles:
-            if handle.state != "dead":
-                with contextlib.suppress(Exception):
-                    self.ray.kill(handle.actor, no_restart=True)
-                handle.state = "dead"
-
-
-# --- the worker: one actor process -----------------------------------------------------------------
-
-class _Worker:
-    """A Ray actor that trains several runs at once (the driver's ``max_concurrency``), each in its
-    own thread (and CUDA stream). Made with ``ray.remote(_Worker)`` by the driver; Ray is never
-    imported here."""
-
-    def __init__(self, *, device, threads=None):
-        self.cache_dir, self._cache_lock_file = _claim_cache_dir()
-        os.environ["TRITON_CACHE_DIR"] = str(self.cache_dir / "triton")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir / "inductor")
-        import torch
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = device
-        self.scratch = self.cache_dir / "runs"
-        shutil.rmtree(self.scratch, ignore_errors=True)  # what a dead worker of this folder left
-        self.scratch.mkdir(parents=True)
-        self._datasets = {}
-        self._data_lock = threading.Lock()
-        self._running = {}  # run id -> its folder, for snapshot()
-
-    def ready(self, *, configs, data_dir, download):
-        """Load the datasets of ``configs`` (a missing one raises here, before any run starts);
-        return where this worker runs."""
-        import torch
-        for config in configs:
-            self.dataset(RunConfig.from_dict(config), data_dir, download)
-        name = torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu"
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": name, "cache_dir": str(self.cache_dir)}
-
-    def dataset(self, config, data_dir, download):
-        """The dataset of ``config``, loaded once per worker and moved to its device once."""
-        import torch
-        key = (config.data, config.holdout, data_dir)
-        with self._data_lock:
-            if key not in self._datasets:
-                with _file_lock(Path(data_dir) / ".normstudy-data.lock", enabled=config.data == "cifar10"):
-                    dataset = run_lib.load_data(config, data_dir=data_dir, download=download)
-                dataset = {name: value.to(self.device) if torch.is_tensor(value) else value
-                           for name, value in dataset.items()}
-                if self.device == "cuda":
-                    torch.cuda.synchronize()  # the copies are done before other streams read them
-                self._datasets[key] = dataset
-            return self._datasets[key]
-
-    def run(self, config, *, files, device, data_dir, download, runtime):
-        """Train one run (a ``RunConfig.to_dict()``; ``files``: its interrupted folder, to continue)
-        in a scratch folder; return its record and its folder's files as bytes."""
-        config = RunConfig.from_dict(config)
-        dataset = self.dataset(config, data_dir, download)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{config.run_id}.", dir=self.scratch))
-        run_dir = scratch / config.run_id
-        if files:
-            unpack_run_folder(files, run_dir)
-        self._running[config.run_id] = run_dir
-        try:
-            with _own_stream(device):
-                record = run_lib.run_one(config, scratch, dataset=dataset, data_dir=data_dir, download=download,
-                                         device=device, runtime=runtime, resume=True, progress=False,
-                                         log=lambda line: print(f"{config.run_id}: {line}", flush=True))
-            return {"record": record, "files": pack_run_folder(run_dir)}
-        finally:
-            self._running.pop(config.run_id, None)
-            shutil.rmtree(scratch, ignore_errors=True)
-
-    def ping(self):
-        return os.getpid()
-
-    def snapshot(self, run_id):
-        """The files of a running run's folder now (its checkpoint: the last complete epoch)."""
-        run_dir = self._running.get(run_id)
-        try:
-            return pack_run_folder(run_dir) if run_dir is not None else None
-        except OSError:  # it finished and its folder went meanwhile
-            return None
-
-
-def _claim_cache_dir():
-    """The first ``$TMPDIR/normstudy-ray-<user>/worker-<i>`` no live worker holds (its ``.lock``
-    is held until this process ends), so each worker has caches of its own and later workers
-    find them warm."""
-    import fcntl
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = str(os.getuid())
-    base = Path(tempfile.gettempdir()) / f"normstudy-ray-{user}"
-    for index in range(10_000):
-        folder = base / f"worker-{index}"
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / ".lock", "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        return folder, lock
-    raise RuntimeError(f"no free cache folder under {base}")
-
-
-@contextlib.contextmanager
-def _file_lock(path, *, enabled=True):
-    """Hold an exclusive lock on ``path`` (workers of one node share a data folder: one downloads,
-    the others wait); nothing where the folder cannot take a lock file."""
-    if not enabled:
-        yield
-        return
-    import fcntl
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")
-    except OSError:
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
-def _own_stream(device):
-    """On CUDA, the calling thread's work on a stream of its own, so runs overlap on the GPU."""
-    if device != "cuda":
-        yield
-        return
-    import torch
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
+            with contextlib.suppress(Exception):
+                self.ray.kill(handle.actor, no_restart=True)
+        self.handles = []
