@@ -19,7 +19,8 @@ One module per concern, each importing only from the ones listed before it:
     cli         the command line of train.py
     runners     who executes a list of runs: LocalRunner (this process, threads), a Ray runner
     study_report the study's summaries and tables (Wu & He's Tables 2 and 3), pure functions
-    study       the study's grids (batch size, groups), run_grid, `python -m normstudy.study`
+    study       the study's grids (batch size, groups; issue 20's ghost, order, remedies), run_grid,
+                `python -m normstudy.study`
     command     the `normstudy` command (train, study, summarize), `python -m normstudy`
 
 Start with :func:`normstudy.run.run_one` and :class:`normstudy.config.RunConfig`.

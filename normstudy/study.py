@@ -4,7 +4,15 @@ its number of groups (after Wu & He, *Group Normalization*, 2018, Tables 2 and 3
     python -m normstudy.study batch                 # BN, LN, GN x batch 2..512 x seeds 0 1 2: 81 runs
     python -m normstudy.study groups                # GN with G = 1..32 and BN, at batch 512, 16 and 4: 63 runs
     python -m normstudy.study batch --smoke         # a minute on a CPU: synthetic data, 1 epoch, seed 0, batch 256 and 512
+    python -m normstudy.study ghost                 # BN, statistics over n = 2..32: at batch 512, and at 8n: 30 runs
+    python -m normstudy.study order                 # both block orders, GN G = 1..32 and BN, batch 512 and 16: 84 runs
+    python -m normstudy.study remedies              # BN + Batch Renorm, LN + WS, GN + WS, batch 2..512: 81 runs
     python -m normstudy.study batch --out results/batch-size --concurrency 4
+
+Issue 20's questions are grids too: :func:`ghost_grid` (statistics or steps?), :func:`order_grid`
+(block order) and :func:`remedies_grid` (Batch Renorm, Weight Standardization). The figures of
+``ghost`` and ``remedies`` add the batch grid's own lines from its folder (``--reference``,
+default ``results/batch-size``) when it has a summary.
 
 A grid is a list of :class:`RunConfig` (:func:`batch_grid`, :func:`groups_grid`);
 :func:`run_grid` runs the unfinished ones through a runner (:mod:`normstudy.runners`) into
@@ -17,6 +25,7 @@ the others are done; Ctrl-C or SIGTERM with exit 130 or 143, finished runs and c
 """
 import argparse
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,7 +38,7 @@ from . import cli
 from . import run as run_lib
 from . import runtime as runtime_lib
 from . import study_report
-from .config import NORMS, RunConfig
+from .config import NORMS, ORDERS, RunConfig
 from .runners import RUNNERS, RunsFailed, make_runner
 
 BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -37,17 +46,29 @@ GROUP_COUNTS = (1, 2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)
 EPOCHS = 20
 GROUPS_BATCH_SIZES = (512, 16, 4)  # the groups grid: the recipe's batch and two small ones
-SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1}
+NORM_BATCHES = (2, 4, 8, 16, 32)  # the ghost grid: images per BatchNorm statistic
+GHOST_BATCH_SIZES = (512,)  # the ghost grid's optimizer batch for "statistics only"
+GPUS = 8  # the ghost grid's other arrangement: optimizer batch GPUS * n (Wu & He's 8 GPUs of n images)
+# The order grid: the recipe's batch and one small one, 16, the groups grid's: the seed's order's runs at
+# both are already in results/groups (copy their folders into the order grid's to skip them).
+ORDER_BATCH_SIZES = (512, 16)
+REFERENCE = "results/batch-size"  # the batch grid whose lines the ghost and remedies figures add
+SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1,
+         "norm_batches": (32, 64)}
 PROG = "python -m normstudy.study"
 DESCRIPTION = ("Train one of the study's grids: every norm at every batch size (Wu & He, Group Normalization, "
                "2018, Table 2) or GroupNorm at each number of groups, with BatchNorm (Table 3).")
 EPILOG = """\
 Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover the grid
 and are rewritten as each run finishes; the figures (batch: test_error_vs_batch.png,
-bn_vs_gn_curves.png; groups: accuracy_vs_groups.png) when the grid ends or stops. Run the same
+bn_vs_gn_curves.png; groups: accuracy_vs_groups.png; ghost: statistics_or_steps.png; order:
+order_vs_groups.png; remedies: test_error_vs_batch.png) when the grid ends or stops. Run the same
 command again to continue a stopped grid: finished runs are skipped, interrupted ones resume from
 their checkpoints."""
-FIGURES = {"batch": ("test_error_vs_batch.png", "bn_vs_gn_curves.png"), "groups": ("accuracy_vs_groups.png",)}
+FIGURES = {"batch": ("test_error_vs_batch.png", "bn_vs_gn_curves.png"), "groups": ("accuracy_vs_groups.png",),
+           "ghost": ("statistics_or_steps.png",), "order": ("order_vs_groups.png",),
+           "remedies": ("test_error_vs_batch.png",)}
+GRIDS = tuple(FIGURES)
 
 
 def _distinct(values):
@@ -58,7 +79,8 @@ def _order(configs):
     """Seed by seed, largest batch first: a stopped grid has whole rows for its first seeds, and the
     quick large-batch runs come before the slow small-batch ones."""
     norms = {norm: k for k, norm in enumerate(NORMS)}
-    return sorted(configs, key=lambda c: (c.seed, -c.batch_size, norms[c.norm], c.groups or 0))
+    return sorted(configs, key=lambda c: (c.seed, -c.batch_size, norms[c.norm], c.groups or 0, ORDERS.index(c.order),
+                                          c.norm_batch or 0, c.renorm, c.ws))
 
 
 def batch_grid(norms=NORMS, batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, gn_groups=None,
@@ -89,19 +111,66 @@ def groups_grid(groups=GROUP_COUNTS, batch_sizes=GROUPS_BATCH_SIZES, seeds=SEEDS
     return _order(configs)
 
 
-def write_summary(out, configs, records, *, kind=None, figures=True):
+def ghost_grid(norm_batches=NORM_BATCHES, batch_sizes=GHOST_BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *,
+               data="cifar10", gpus=True):
+    """Statistics or steps? (issue 20, part 1): BatchNorm with statistics over n images (ghost
+    batches, ``RunConfig.norm_batch``) at each optimizer batch of ``batch_sizes`` (statistics only;
+    the steps stay those of batch 512), and with ``gpus`` at batch 8n (Wu & He's arrangement: n
+    images on each of 8 GPUs): (5 + 5) x 3 = 30 runs by default. The grid's third curve, plain BN
+    at batch n (statistics and steps both), is the batch grid's. n must divide each batch; n equal
+    to the batch is plain BN (that run is the batch grid's)."""
+    configs = [RunConfig(norm="bn", norm_batch=n, seed=seed, batch_size=batch, epochs=epochs, data=data)
+               for n in _distinct(norm_batches) for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    if gpus:
+        configs += [RunConfig(norm="bn", norm_batch=n, seed=seed, batch_size=GPUS * n, epochs=epochs, data=data)
+                    for n in _distinct(norm_batches) for seed in _distinct(seeds)]
+    return _order(dict.fromkeys(configs))
+
+
+def order_grid(groups=GROUP_COUNTS, batch_sizes=ORDER_BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, data="cifar10",
+               bn=True):
+    """Block order (issue 20, part 2): GroupNorm with each number of groups (G=1 is LayerNorm, G=32
+    InstanceNorm) and BatchNorm, in each block order, Conv -> ReLU -> Norm (the seed's) and
+    Conv -> Norm -> ReLU (Wu & He's), at each batch size and seed: (6 + 1) x 2 x 2 x 3 = 84 runs by
+    default, half of them (the seed's order) the groups grid's runs at batch 512 and 16."""
+    plain = groups_grid(groups=groups, batch_sizes=batch_sizes, seeds=seeds, epochs=epochs, data=data, bn=bn)
+    return _order(plain + [dataclasses.replace(config, order="norm-relu") for config in plain])
+
+
+def remedies_grid(batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, gn_groups=None, data="cifar10"):
+    """The remedies Wu & He compare against (issue 20, part 3), each at every batch size and seed:
+    BatchNorm with Batch Renormalization (schedule: ``models.RENORM``), and LayerNorm and
+    GroupNorm with Weight Standardization: 3 x 9 x 3 = 81 runs by default. The plain norms' lines
+    are the batch grid's."""
+    configs = [RunConfig(norm="bn", renorm=True, seed=seed, batch_size=batch, epochs=epochs, data=data)
+               for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    configs += [RunConfig(norm=norm, ws=True, seed=seed, batch_size=batch, epochs=epochs, data=data,
+                          groups=gn_groups if norm == "gn" else None)
+                for norm in ("ln", "gn") for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    return _order(configs)
+
+
+def reference_cells(reference=None):
+    """The cells of the batch grid in folder ``reference`` (default :data:`REFERENCE`), whose lines
+    the ghost and remedies figures add; ``[]`` when it has no summary."""
+    summary = study_report.load_summary(reference or REFERENCE)
+    return summary["cells"] if summary and summary.get("kind") == "batch" else []
+
+
+def write_summary(out, configs, records, *, kind=None, figures=True, reference=None):
     """``OUT/summary.json`` and ``OUT/results.md`` over ``records`` (those of ``configs``, the grid),
-    and with ``figures`` the grid's figures (:data:`FIGURES`); returns the summary."""
+    and with ``figures`` the grid's figures (:data:`FIGURES`; ``reference``: see
+    :func:`write_figures`); returns the summary."""
     out = Path(out)
     summary = study_report.summarize_grid(records, configs, kind=kind)
     checkpoints.write_json(out / "summary.json", summary)
     checkpoints.write_text(out / "results.md", study_report.results_markdown(summary))
     if figures and summary["cells"]:
-        write_figures(out, summary)
+        write_figures(out, summary, reference=reference)
     return summary
 
 
-def write_figures(out, summary):
+def write_figures(out, summary, *, reference=None):
     """The figures of a grid summary into ``out``: for the batch grid the test error against the
     batch size and BN vs GN training curves at the smallest batch (when both ran there); for the
     groups grid the accuracy against the number of groups."""
@@ -114,12 +183,30 @@ def write_figures(out, summary):
             norms_at.setdefault(cell["batch_size"], set()).add(cell["norm"])
         if any({"bn", "gn"} <= norms for norms in norms_at.values()):
             checkpoints.save_figure(Path(out) / "bn_vs_gn_curves.png", plots.bn_vs_gn_curves(cells))
-    else:
+    elif summary["kind"] == "groups":
         checkpoints.save_figure(Path(out) / "accuracy_vs_groups.png", plots.accuracy_vs_groups(cells))
+    else:
+        _write_question_figure(out, summary, reference=reference)
+
+
+def _write_question_figure(out, summary, *, reference):
+    """The figure of one of issue 20's grids; ``ghost`` and ``remedies`` with the batch grid's
+    lines (plain BN; BN, LN and GN) from the folder ``reference`` (:func:`reference_cells`)."""
+    from . import plots
+    kind, cells, (name,) = summary["kind"], summary["cells"], FIGURES[summary["kind"]]
+    if kind == "ghost":
+        figure = plots.error_vs_norm_batch(reference_cells(reference) + cells, arrangement=study_report.arrangement)
+    elif kind == "order":
+        figure = plots.error_vs_groups_by_order(cells)
+    else:
+        batches = {c["batch_size"] for c in cells}
+        plain = [c for c in reference_cells(reference) if not study_report.cell_choices(c) and c["batch_size"] in batches]
+        figure = plots.error_vs_batch(plain + cells, title="Test error vs batch size, with the remedies (dashed)")
+    checkpoints.save_figure(Path(out) / name, figure)
 
 
 def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, device="auto", runtime=None,
-             progress=True, kind=None, restart=False):
+             progress=True, kind=None, restart=False, reference=None):
     """Run every unfinished config of ``configs`` into ``out`` and return all their records (in
     the order of ``configs``; unfinished ones missing).
 
@@ -131,7 +218,8 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
     commands, the one that writes last writes the whole truth. ``progress``: a bar over the whole
     grid (runs done of all, ETA) and a line per finished run; nothing with ``False``. An
     interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the caller once the summary is
-    written.
+    written. ``reference``: the batch grid's folder for the ghost and remedies figures
+    (:func:`write_figures`).
     """
     configs = list(dict.fromkeys(configs))
     out = Path(out)
@@ -156,7 +244,7 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
         with _summary_lock(out):  # read and written as one: see _summary_lock
             _finished_elsewhere(out, configs, records)
             if records:
-                write_summary(out, configs, ordered(), kind=kind, figures=figures)
+                write_summary(out, configs, ordered(), kind=kind, figures=figures, reference=reference)
 
     def on_record(record):
         records[record["id"]] = record
@@ -227,8 +315,11 @@ def _progress_bar(*, total, done, enabled):
 def parse_args(argv=None):
     p = cli._Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                     formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
-    p.add_argument("grid", choices=("batch", "groups"),
-                   help="batch: every norm at every batch size; groups: GroupNorm's number of groups, and BN")
+    p.add_argument("grid", choices=GRIDS,
+                   help="batch: every norm at every batch size; groups: GroupNorm's number of groups, and BN; "
+                        "ghost: BN's statistics over n images (ghost batches) at batch 512 and at 8n; order: both "
+                        "block orders for GN (G = 1..32) and BN; remedies: BN + Batch Renorm, LN and GN + WS "
+                        "at every batch size")
     p.add_argument("--norms", nargs="+", choices=NORMS, help="batch grid: the norms (default: bn ln gn)")
     p.add_argument("--batch-sizes", nargs="+", type=cli._positive_int, metavar="B",
                    help=f"default: {' '.join(map(str, BATCH_SIZES))} (batch), "
@@ -236,6 +327,12 @@ def parse_args(argv=None):
     p.add_argument("--groups", nargs="+", type=cli._positive_int, metavar="G",
                    help=f"groups grid: the group counts, divisors of 32 (default: {' '.join(map(str, GROUP_COUNTS))}); "
                         "batch grid: GroupNorm's one group count (default: the recipe's, 2)")
+    p.add_argument("--norm-batches", nargs="+", type=cli._positive_int, metavar="N",
+                   help=f"ghost grid: images per BatchNorm statistic (default: {' '.join(map(str, NORM_BATCHES))}); "
+                        f"--batch-sizes is then its statistics-only optimizer batch (default: 512)")
+    p.add_argument("--reference", metavar="DIR",
+                   help=f"ghost and remedies grids: the batch grid's folder, whose lines their figure adds "
+                        f"(default: {REFERENCE}, if it has a summary)")
     p.add_argument("--seeds", nargs="+", type=cli._seed, metavar="S",
                    help=f"default: {' '.join(map(str, SEEDS))} (--smoke: 0)")
     p.add_argument("--epochs", type=cli._positive_int, help=f"default: {EPOCHS} (--smoke: 1)")
@@ -276,6 +373,12 @@ def configs_from_args(args):
     seeds = args.seeds or (SMOKE["seeds"] if args.smoke else SEEDS)
     epochs = args.epochs or (SMOKE["epochs"] if args.smoke else EPOCHS)
     data = "synthetic" if args.smoke else "cifar10"
+    if args.norm_batches is not None and args.grid != "ghost":
+        raise ValueError("--norm-batches applies to the ghost grid only")
+    if args.reference is not None and args.grid not in ("ghost", "remedies"):
+        raise ValueError("--reference applies to the ghost and remedies grids only")
+    if args.grid in ("ghost", "order", "remedies"):
+        return _question_configs(args, seeds=seeds, epochs=epochs, data=data)
     if args.grid == "batch":
         if args.groups is not None and len(args.groups) != 1:
             raise ValueError("--groups: the batch grid takes one group count (GroupNorm's), "
@@ -290,6 +393,25 @@ def configs_from_args(args):
     return groups_grid(groups=args.groups or GROUP_COUNTS,
                        batch_sizes=args.batch_sizes or (SMOKE["groups_batch_sizes"] if args.smoke else GROUPS_BATCH_SIZES),
                        seeds=seeds, epochs=epochs, data=data)
+
+
+def _question_configs(args, *, seeds, epochs, data):
+    """The grid of one of issue 20's questions (ghost, order, remedies) that the arguments ask for."""
+    if args.norms is not None:
+        raise ValueError(f"--norms applies to the batch grid only (the {args.grid} grid has its own norms)")
+    if args.grid == "ghost":
+        if args.groups is not None:
+            raise ValueError("--groups applies to GroupNorm only: the ghost grid is BatchNorm")
+        return ghost_grid(norm_batches=args.norm_batches or (SMOKE["norm_batches"] if args.smoke else NORM_BATCHES),
+                          batch_sizes=args.batch_sizes or GHOST_BATCH_SIZES, seeds=seeds, epochs=epochs, data=data)
+    if args.grid == "order":
+        return order_grid(groups=args.groups or GROUP_COUNTS,
+                          batch_sizes=args.batch_sizes or (SMOKE["groups_batch_sizes"] if args.smoke else ORDER_BATCH_SIZES),
+                          seeds=seeds, epochs=epochs, data=data)
+    if args.groups is not None and len(args.groups) != 1:
+        raise ValueError(f"--groups: the remedies grid takes one group count (GroupNorm's), got {len(args.groups)}")
+    return remedies_grid(batch_sizes=args.batch_sizes or (SMOKE["batch_sizes"] if args.smoke else BATCH_SIZES),
+                         seeds=seeds, epochs=epochs, gn_groups=args.groups[0] if args.groups else None, data=data)
 
 
 def main(argv=None):
@@ -315,7 +437,7 @@ def _study(args, out):
     try:
         run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
                  device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid,
-                 restart=args.restart)
+                 restart=args.restart, reference=args.reference)
     except RunsFailed as err:
         print(f"{PROG}: {err}; {_after_failures(err, configs, out)}", file=sys.stderr)
         return cli.EXIT_DIVERGED
@@ -336,7 +458,7 @@ def _summary_only(args, configs, out):
             print(f"no finished runs of this grid in {out} (0 of {len(configs)}): nothing to summarize")
         return
     cli._writable_dir(out)
-    write_summary(out, configs, records, kind=args.grid)
+    write_summary(out, configs, records, kind=args.grid, reference=args.reference)
     if not args.quiet:
         print((out / "results.md").read_text())
 
