@@ -194,13 +194,16 @@ def _write_question_figure(out, summary, *, reference):
     lines (plain BN; BN, LN and GN) from the folder ``reference`` (:func:`reference_cells`)."""
     from . import plots
     kind, cells, (name,) = summary["kind"], summary["cells"], FIGURES[summary["kind"]]
+    # The batch grid's lines only where they compare: the same data and epochs (not a smoke grid's beside real runs)
+    alike = {(c["data"], c["epochs"]) for c in cells}
+    others = [c for c in reference_cells(reference) if (c["data"], c["epochs"]) in alike]
     if kind == "ghost":
-        figure = plots.error_vs_norm_batch(reference_cells(reference) + cells, arrangement=study_report.arrangement)
+        figure = plots.error_vs_norm_batch(others + cells, arrangement=study_report.arrangement)
     elif kind == "order":
         figure = plots.error_vs_groups_by_order(cells)
     else:
         batches = {c["batch_size"] for c in cells}
-        plain = [c for c in reference_cells(reference) if not study_report.cell_choices(c) and c["batch_size"] in batches]
+        plain = [c for c in others if not study_report.cell_choices(c) and c["batch_size"] in batches]
         figure = plots.error_vs_batch(plain + cells, title="Test error vs batch size, with the remedies (dashed)")
     checkpoints.save_figure(Path(out) / name, figure)
 

@@ -91,8 +91,8 @@ def test_summary_only_of_an_unrun_grid_says_so(tmp_path, capsys):
 
 # --- summaries, tables and figures from fake records ---------------------------------------------
 
-def record(acc, **fields):
-    return fake_record(RunConfig(epochs=3, **fields), acc)
+def record(acc, epochs=3, **fields):
+    return fake_record(RunConfig(epochs=epochs, **fields), acc)
 
 
 def reference_folder(tmp_path):
@@ -105,7 +105,7 @@ def reference_folder(tmp_path):
     return tmp_path / "batch-size"
 
 
-def test_ghost_summary_table_and_figure_with_the_batch_grids_line(tmp_path):
+def test_ghost_summary_table_and_figure_with_the_batch_grids_line(tmp_path, monkeypatch):
     records = [record(70.0 + n, norm="bn", norm_batch=n, batch_size=b, seed=s)
                for n in (2, 16) for b in (512, 8 * n) for s in (0, 1)]
     summary = study_report.summarize_grid(records, kind="ghost")
@@ -132,6 +132,11 @@ def test_ghost_summary_table_and_figure_with_the_batch_grids_line(tmp_path):
     assert list(ax.lines[0].get_xdata()) == [2, 16, 512] and list(ax.lines[2].get_xdata()) == [2, 16]
     assert ax.get_xscale() == "log"
     assert study.reference_cells(tmp_path / "nowhere") == []  # no batch grid: two lines, no error
+    figures = []
+    monkeypatch.setattr(plots, "error_vs_norm_batch", lambda cells, **kwargs: figures.append(cells) or plt.figure())
+    other_epochs = [record(70.0, epochs=2, norm="bn", norm_batch=2, batch_size=512)]
+    study.write_figures(out, study_report.summarize_grid(other_epochs, kind="ghost"), reference=reference)
+    assert [c["cell"] for c in figures[0]] == ["bn-ghost2-b512-e2"]  # the batch grid's 3-epoch runs left out
 
 
 def test_order_table_and_figure_show_both_orders(tmp_path):
