@@ -5,8 +5,9 @@ today's streams (K runs at once, each its own model on its own CUDA stream).
 
 Every pass goes through the study's own code (``study.run_grid`` with a ``LocalRunner``) into a
 fresh folder: data on the device, evaluation on the 10,000 test images after every epoch,
-checkpoints and records (figures off). Runs are mixed norms (BN, LN, GN in turn, seeds 0, 1, ...).
-The training set is ``--train-images`` synthetic images (default 8,192: a whole CIFAR-10 epoch at
+checkpoints and records (figures off). Runs are mixed norms (BN, LN, GN in turn, seeds 0, 1, ...)
+or those of ``--norms``; a stack holds runs of one norm, so ``stack K`` of mixed runs is one stack
+per norm, side by side on CUDA streams. The training set is ``--train-images`` synthetic images (default 8,192: a whole CIFAR-10 epoch at
 batch 2 is 25,000 steps); the steady epoch (the last; the first carries compilation and graph
 recording) is scaled to 50,000 images, evaluation included, so the projection is conservative.
 
@@ -31,9 +32,10 @@ CIFAR_TRAIN = 50_000
 MAX_IMAGES_PER_STEP = 8192
 
 
-def mixed_runs(count, *, batch_size, epochs):
-    """``count`` runs of mixed norms: bn, ln, gn, bn, ... with seeds 0, 0, 0, 1, 1, 1, ..."""
-    return [RunConfig(norm=NORMS[k % 3], seed=k // 3, batch_size=batch_size, epochs=epochs) for k in range(count)]
+def mixed_runs(count, *, batch_size, epochs, norms=NORMS):
+    """``count`` runs of ``norms`` in turn (bn, ln, gn, bn, ...) with seeds 0, 0, 0, 1, 1, 1, ..."""
+    return [RunConfig(norm=norms[k % len(norms)], seed=k // len(norms), batch_size=batch_size, epochs=epochs)
+            for k in range(count)]
 
 
 def timed_pass(configs, *, runner, data_dir, train_images):
@@ -55,6 +57,9 @@ def main():
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8, 32, 512])
     p.add_argument("--stacks", type=int, nargs="+", default=[1, 9, 27], help="stack sizes K to time")
     p.add_argument("--streams", type=int, default=9, help="today's way: this many single runs at once (0: skip)")
+    p.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS,
+                   help="the runs' norms, in turn (default: all three); a stack holds one norm, so K mixed runs "
+                        "train as one stack per norm, side by side on streams")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-images", type=int, default=8192)
     p.add_argument("--out", default=str(HERE / "stack_results.json"))
@@ -65,15 +70,16 @@ def main():
         for batch in args.batch_sizes:
             # A stack of K at batch B steps on K*B images: past MAX_IMAGES_PER_STEP its activations
             # outgrow the GPU (27 x 512: ~75 GB) and it is compute-bound anyway: skipped.
-            modes = [("stack", k, LocalRunner(stack=k, figures=False)) for k in args.stacks
-                     if k == 1 or k * batch <= MAX_IMAGES_PER_STEP]
+            side_by_side = len(args.norms)  # plan_stacks: one stack per norm
+            modes = [("stack", k, LocalRunner(side_by_side if k > 1 else 1, stack=k, figures=False))
+                     for k in args.stacks if k == 1 or k * batch <= MAX_IMAGES_PER_STEP]
             if args.streams:
                 modes.append(("streams", args.streams, LocalRunner(args.streams, stack=1, figures=False)))
             for mode, k, runner in modes:
-                configs = mixed_runs(k, batch_size=batch, epochs=args.epochs)
+                configs = mixed_runs(k, batch_size=batch, epochs=args.epochs, norms=tuple(args.norms))
                 wall, steady, rate = timed_pass(configs, runner=runner, data_dir=data_dir,
                                                 train_images=args.train_images)
-                row = {"mode": mode, "runs": k, "batch_size": batch, "steady_epoch_s": round(steady, 3),
+                row = {"mode": mode, "runs": k, "norms": args.norms, "batch_size": batch, "steady_epoch_s": round(steady, 3),
                        "model_epochs_per_s": round(rate, 3), "pass_wall_s": round(wall, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

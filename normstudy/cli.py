@@ -1,5 +1,6 @@
 """The command line of ``train.py``: arguments to run configurations, then :func:`run.run_one`
-for each, then a summary of every finished run under ``--out``.
+for each, then the summary of every finished run under ``--out`` (:func:`summary.write_summary`).
+The options it shares with the study are defined once, in :func:`shared_parser`.
 
 Bad input ends with one line on stderr and exit 2; a diverged run with exit 3; Ctrl-C or SIGTERM
 with exit 130 or 143, every completed epoch kept in the run's checkpoint.
@@ -17,6 +18,7 @@ from . import recipe as recipe_lib
 from . import report
 from . import run as run_lib
 from . import runtime as runtime_lib
+from . import summary as summary_lib
 from .config import NORMS, RunConfig
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
@@ -74,45 +76,75 @@ def _setting(text):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def parse_args(argv=None):
-    p = _Parser(prog="train.py", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
-    p.add_argument("--norm", choices=(*NORMS, "all"), default="all", help="variant(s) to train (default: all)")
-    p.add_argument("--epochs", type=_positive_int,
-                   help=f"passes over the training set (default: {recipe_lib.RECIPE['epochs']}; --smoke: 1)")
+def _width_100(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, width=100)
+
+
+def shared_parser():
+    """The options train.py and the study share (``parents=[shared_parser()]``): one name, one
+    default, one help and one check each. The singular ``--norm`` and ``--seed`` (and
+    ``--dry-run`` for ``--smoke``) stay as hidden aliases. What a default means per command
+    (one run or a grid) is resolved by :func:`norms_from` and each command's configs."""
+    p = argparse.ArgumentParser(add_help=False)
+    norms = p.add_argument_group("what to train (shared by train and study)")
+    norms.add_argument("--norms", nargs="+", choices=(*NORMS, "all"), metavar="NORM",
+                       help="bn, ln, gn or all (default: all; --norm works too)")
+    norms.add_argument("--norm", nargs="+", choices=(*NORMS, "all"), dest="norms", help=argparse.SUPPRESS)
+    norms.add_argument("--seeds", nargs="+", type=_seed, metavar="S",
+                       help="one run per seed (default: 0 for train, 0 1 2 for a study grid; --smoke: 0; "
+                            "--seed works too)")
+    norms.add_argument("--seed", nargs="+", type=_seed, dest="seeds", help=argparse.SUPPRESS)
+    norms.add_argument("--epochs", type=_positive_int,
+                       help=f"passes over the training set (default: {recipe_lib.RECIPE['epochs']}; --smoke: 1)")
+    norms.add_argument("--smoke", "--dry-run", action="store_true",
+                       help="small synthetic data, one epoch: checks the machinery in about a minute, even on a CPU "
+                            "(its accuracy says nothing about CIFAR-10)")
+    where = p.add_argument_group("where and how (shared by train and study)")
+    where.add_argument("--out", help="the folder of run folders and their summary (default: train: runs, "
+                                     "runs/smoke with --smoke; study: runs/study-GRID, runs/study-GRID-smoke)")
+    where.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ (default: ./data)")
+    where.add_argument("--no-download", action="store_true", help="never download the dataset")
+    where.add_argument("--device", default="auto",
+                       help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
+    where.add_argument("--runtime", choices=runtime_lib.PRESETS,  # None: fast, and not asked for
+                       help="how a run executes, never what it computes (default: fast; train's --help "
+                            "describes each)")
+    where.add_argument("--restart", action="store_true",
+                       help="start interrupted runs over, discarding their checkpoints (e.g. a damaged one)")
+    where.add_argument("--quiet", action="store_true",
+                       help="no progress bars (the study prints nothing but errors, no table either)")
+    return p
+
+
+def norms_from(args):
+    """The norms ``--norms`` asks for, in table order (``all`` or none given: every norm)."""
+    asked = args.norms or ["all"]
+    return NORMS if "all" in asked else tuple(norm for norm in NORMS if norm in asked)
+
+
+def parse_args(argv=None, *, prog="train.py"):
+    p = _Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=_width_100,
+                parents=[shared_parser()])
     p.add_argument("--batch-size", type=_positive_int,
                    help=f"images per step (default: {recipe_lib.RECIPE['batch_size']}); the lr follows it")
     p.add_argument("--groups", type=_positive_int,
                    help=f"GroupNorm's groups, a divisor of 32 (default: {recipe_lib.RECIPE['gn_groups']}); "
                         "GroupNorm runs only")
-    p.add_argument("--seed", type=_seed, nargs="+", default=[0], help="one run per seed (default: 0)")
     p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set cutout=8 (keys below)")
-    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ (default: ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download the dataset")
     p.add_argument("--holdout", type=_positive_int, metavar="N",
                    help="evaluate on N held-out training images instead of the test set (recipe search)")
-    p.add_argument("--out", help="folder that receives one folder per run and the summary "
-                                 "(default: runs, or runs/smoke with --smoke)")
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
-    p.add_argument("--runtime", choices=runtime_lib.PRESETS,  # None: fast, and not asked for
-                   help="how a run executes (default: fast; the runtimes are listed below)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
-    p.add_argument("--restart", action="store_true", help="start interrupted runs over, discarding their checkpoints")
-    p.add_argument("--smoke", "--dry-run", action="store_true",
-                   help="one epoch on small synthetic data, to check the machinery in under a minute (its accuracy says nothing about CIFAR-10)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def configs_from_args(args):
     """One :class:`RunConfig` per variant and seed (seeds in order, duplicates dropped)."""
-    norms = NORMS if args.norm == "all" else (args.norm,)
+    norms = norms_from(args)
     if args.groups is not None and "gn" not in norms:
-        raise ValueError(f"--groups applies to GroupNorm only (--norm gn or all), not to --norm {args.norm}")
+        raise ValueError(f"--groups applies to GroupNorm only (--norm gn or all), not to --norm {' '.join(norms)}")
     epochs = args.epochs if args.epochs is not None else (1 if args.smoke else None)
-    seeds = list(dict.fromkeys(args.seed))
+    seeds = list(dict.fromkeys(args.seeds or [0]))
     return [RunConfig(norm=norm, seed=seed, batch_size=args.batch_size, epochs=epochs,
                       groups=args.groups if norm == "gn" else None, overrides=tuple(args.set),
                       data="synthetic" if args.smoke else "cifar10", holdout=args.holdout or 0)
@@ -158,14 +190,16 @@ def exit_code(prog, body, *, kept):
             return EXIT_BAD_INPUT
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, *, prog="train.py"):
+    """train.py's command line (``prog``: how it was invoked, for its messages; ``normstudy
+    train`` passes its own); returns the exit code."""
+    args = parse_args(argv, prog=prog)
     out = Path(args.out or ("runs/smoke" if args.smoke else "runs"))
-    return exit_code("train.py", lambda: _train_all(args, out),
+    return exit_code(prog, lambda: _train_all(args, out, prog=prog),
                      kept=f"every completed epoch is saved under {out} (run again with --resume to continue)")
 
 
-def _train_all(args, out):
+def _train_all(args, out, *, prog="train.py"):
     """train.py's work: each configuration's run (unless finished), then the summary of ``out``.
     A diverged run ends it with exit 3 and one line saying where its last good epoch is."""
     if args.resume and args.restart:
@@ -173,6 +207,7 @@ def _train_all(args, out):
     configs = configs_from_args(args)  # bad settings are refused before any data is read
     device = runtime_lib.pick_device(args.device)
     _writable_dir(out)
+    report.load_summary(out)  # an unreadable summary is refused now, not after the training
     if args.resume and not any((out / c.run_id / "checkpoint.pt").exists() for c in configs):
         raise checkpoints.CheckpointError(f"--resume: no checkpoint under {out} for "
                                           + ", ".join(c.run_id for c in configs))
@@ -188,9 +223,9 @@ def _train_all(args, out):
             run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime, resume=args.resume,
                             restart=args.restart, progress=not args.quiet)
         except FloatingPointError as err:
-            print(f"train.py: diverged: {err}; {_last_good_epoch(out / config.run_id)}", file=sys.stderr)
+            print(f"{prog}: diverged: {err}; {_last_good_epoch(out / config.run_id)}", file=sys.stderr)
             return EXIT_DIVERGED
-    print(report.write_summary(out))
+    print(summary_lib.write_summary(out))
 
 
 def _last_good_epoch(run_dir):

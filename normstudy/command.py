@@ -5,35 +5,35 @@
     normstudy study batch --smoke             # python -m normstudy.study's, same flags
     normstudy summarize results/groups        # rewrite a folder's summary from its finished runs
 
-``train`` and ``study`` hand their arguments on unchanged, so they answer as ``train.py`` and
-``python -m normstudy.study`` do (the same help, errors and exit codes). ``summarize`` trains
-nothing; it reuses the writers those commands end with.
+``train`` and ``study`` hand their arguments on unchanged to train.py's and the study's command
+lines (the same options, help, errors and exit codes), named as invoked (``normstudy train:
+error: ...``). ``summarize`` trains nothing; it calls the one writer those commands end with
+(:func:`summary.write_summary`).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 PROG = "normstudy"
 EXIT_BAD_INPUT = 2  # as train.py's and the study's
 SUMMARIZE = f"""\
-Rewrite OUT's summary from the finished runs in it (OUT/<run id>/record.json), training nothing.
-A study grid's folder (its summary.json names the grid, batch or groups) gets the study's tables
-and figures, as `python -m normstudy.study GRID --out OUT --summary-only` writes them; any other
-folder gets train.py's: summary.json, results.md and comparison.png. Broken records are skipped
-and named. Example: {PROG} summarize results/groups"""
+Rewrite OUT's summary from every finished run in it (OUT/<run id>/record.json), training nothing.
+A study grid's folder (its summary.json names the grid: batch, groups, ghost, order or remedies)
+keeps the grid's tables, figures and plan (what is missing); any other folder gets train.py's
+table and comparison.png.
+Broken records are skipped and named. Example: {PROG} summarize results/groups"""
 
 
 # Each command imports what it needs when it runs: `normstudy --help` answers without torch.
 
 def _train(argv):
     from . import cli
-    return cli.main(argv)
+    return cli.main(argv, prog=f"{PROG} train")
 
 
 def _study(argv):
     from . import study  # imported when asked for: the study's runners are not train's business
-    return study.main(argv)
+    return study.main(argv, prog=f"{PROG} study")
 
 
 def _summarize(argv):
@@ -83,52 +83,34 @@ def main(argv=None):
 
 
 def summarize(out, *, quiet=False):
-    """``normstudy summarize``'s work (see :data:`SUMMARIZE`): rewrite ``out``'s summary with the
-    study's writer when ``out`` holds a grid, else with :func:`report.write_summary`."""
-    from . import report
+    """``normstudy summarize``'s work (see :data:`SUMMARIZE`): rewrite ``out``'s summary with
+    :func:`summary.write_summary`, the grid's plan kept (or, for a grid summary written before
+    plans were kept, the study's grid that holds every finished run)."""
+    from . import report, summary as summary_lib
     if not out.is_dir():
         raise ValueError(f"{out} is not a folder")
     records, skipped = report.load_records(out)
     if not records:
         raise ValueError(f"no finished runs in {out} (folders holding a record.json)"
                          + (f"; {len(skipped)} broken, e.g. {skipped[0]}" if skipped else ""))
-    grid = _grid_kind(out)
-    if grid is None:
-        text = report.write_summary(out)  # lists the skipped runs itself
-    else:
-        for line in skipped:
-            print(f"{PROG} summarize: skipped (broken): {line}", file=sys.stderr)
-        text = _write_grid_summary(out, grid, records)
+    previous = report.load_summary(out)
+    kind = summary_lib.folder_kind(previous)
+    plan = None
+    if kind is not None and summary_lib.folder_plan(previous) is None:
+        plan = _inferred_plan(kind, records)
+    text = summary_lib.write_summary(out, plan=plan)
     if not quiet:
         print(text)
 
 
-def _grid_kind(out):
-    """``"batch"`` or ``"groups"`` when ``out/summary.json`` is a study grid's summary, else ``None``."""
-    from .study import FIGURES
-    path = out / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable ({err}); move it away to write a new summary") from None
-    kind = summary.get("kind") if isinstance(summary, dict) else None
-    return kind if kind in FIGURES and "cells" in summary else None
-
-
-def _write_grid_summary(out, kind, records):
-    """The study's summary of ``records`` (through :func:`study.write_summary`), planned as the
-    study's default grid of ``kind`` or its ``--smoke`` grid, whichever holds every finished run
-    (so that the missing runs are named); failing both, the finished runs alone."""
+def _inferred_plan(kind, records):
+    """The run ids of the study's default grid of ``kind`` or its ``--smoke`` grid, whichever holds
+    every finished run (so that the missing runs are named); failing both, the finished runs."""
     from . import study
     from .config import RunConfig
     finished = {RunConfig.from_dict(record["config"]) for record in records}
-    planned = sorted(finished, key=lambda config: config.run_id)
     for options in ([], ["--smoke"]):
         grid = study.configs_from_args(study.parse_args([kind, *options]))
         if finished <= set(grid):
-            planned = grid
-            break
-    study.write_summary(out, planned, records, kind=kind)
-    return (out / "results.md").read_text()
+            return [config.run_id for config in grid]
+    return sorted(config.run_id for config in finished)

@@ -180,7 +180,8 @@ def _blockwise_check(model, images, generator):
 
 def compile_kernels(model, device, runtime, *, image_shape):
     """With the Triton kernels: compile them all now, in parallel (``kernels.precompile``), rather
-    than one by one during the first epoch, then check them (:func:`kernels_self_check`). Return
+    than one by one during the first epoch, then check them (:func:`kernels_self_check`; skipped where
+    the same kernels passed it on this machine before, :mod:`normstudy.fast.checked`). Return
     the runtime to train with: ``runtime``, or where importing, compiling or checking the kernels
     failed, the same without them (``model`` switched back to PyTorch's modules, one line says why,
     and no later run of this process tries them). ``image_shape`` is one image's (C, H, W)."""
@@ -188,18 +189,24 @@ def compile_kernels(model, device, runtime, *, image_shape):
         return runtime
     dtype = runtime_lib.AMP_DTYPES[runtime["amp"]]
     example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    memo = None
     try:
-        from .fast import kernels
-        # The self-check runs in fp32 too (and the final evaluation with flipped images).
-        kernels.precompile(model, example, dtype=(dtype, None) if dtype is not None else None)
+        from .fast import checked, kernels
+        memo = checked.key(model, device=example.device, dtype=dtype)
+        known_good = memo is not None and checked.passed(memo)
+        # The self-check runs in fp32 too: its kernels are compiled with the run's, unless it is skipped
+        # (a passed check on this machine, fast.checked); any others compile when first launched.
+        kernels.precompile(model, example, dtype=(dtype, None) if dtype is not None and not known_good else dtype)
     except Exception as err:  # noqa: BLE001 - any failure means: run without them
         problem = f"they failed to compile: {type(err).__name__}: {err}"
     else:
         try:
-            problem = kernels_self_check(model, example, dtype)
+            problem = None if known_good else kernels_self_check(model, example, dtype)
         except Exception as err:  # noqa: BLE001
             problem = f"self-check failed: {type(err).__name__}: {err}"
     if problem is None:
+        if memo is not None:
+            checked.remember(memo)
         return runtime
     runtime_lib.kernels_off(problem, broken=True)
     runtime = runtime_lib.without_kernels(runtime, getattr(model, "norm", None))

@@ -55,6 +55,10 @@ SHARED = ("batch_size", "epochs", "lr_per_32", "pct_start", "div_factor", "final
 AUTO_MAX_RUNS = 32
 AUTO_IMAGES_PER_STEP = 4096
 AUTO_MEMORY_SHARE = 0.3
+# ... and at least this many runs of one norm, else single runs on streams: on the H200 a stack of
+# 9 (one norm) made 8,190 model-steps/s at batch 2 where 9 single runs on streams made 10,880;
+# a stack of 27 made 16,000-19,100 against 10,400 (benchmarks/NOTES.md, profile_stack.py).
+AUTO_MIN_RUNS = 27
 
 
 def stack_key(config):
@@ -77,14 +81,20 @@ def _spec_order(config):
     return spec.kind, spec.groups or 0, spec.momentum or 0.0
 
 
-def plan_stacks(configs, size):
-    """``configs`` cut into stacks: runs that share :func:`stack_key`, at most ``size`` a stack
-    (an int, or a function of a config giving the size for its key), as evenly as possible.
-    Stacks come in the order of their first run; within a stack runs are ordered by norm, so
-    that each norm layer normalizes one segment per kind of norm."""
+def plan_stacks(configs, size, *, min_size=1, mix_norms=False):
+    """``configs`` cut into stacks: runs that share :func:`stack_key` and (unless ``mix_norms``)
+    one norm, at most ``size`` a stack (an int, or a function of a config giving the size for its
+    key), as evenly as possible; a stack of fewer than ``min_size`` runs becomes single runs.
+    Stacks come in the order of their first run; within a mixed stack runs are ordered by norm,
+    so that each norm layer normalizes one segment per kind of norm.
+
+    One norm a stack by default, because it is faster: a mixed stack's norm layers slice, normalize
+    and concatenate a segment per norm; on the H200 27 runs as one mixed stack made 10,600
+    model-steps/s at batch 2, as three stacks of one norm side by side 16,000 (benchmarks/NOTES.md)."""
     groups = {}
     for config in configs:
-        groups.setdefault(stack_key(config), []).append(config)
+        key = stack_key(config) if mix_norms else (stack_key(config), _spec_order(config))
+        groups.setdefault(key, []).append(config)
     stacks = []
     for members in groups.values():
         limit = size(members[0]) if callable(size) else size
@@ -92,8 +102,11 @@ def plan_stacks(configs, size):
             raise ValueError(f"stack size {limit!r} must be a whole number >= 1")
         count = -(-len(members) // limit)
         per = -(-len(members) // count)
-        stacks += [sorted(members[i:i + per], key=_spec_order) for i in range(0, len(members), per)]
-    return stacks
+        for i in range(0, len(members), per):
+            stack = sorted(members[i:i + per], key=_spec_order)
+            stacks += [stack] if len(stack) >= min_size else [[config] for config in stack]
+    first = {config.run_id: k for k, config in enumerate(configs)}
+    return sorted(stacks, key=lambda stack: min(first[config.run_id] for config in stack))
 
 
 def auto_size(config, *, device, train_images):

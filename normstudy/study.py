@@ -17,13 +17,12 @@ default ``results/batch-size``) when it has a summary.
 A grid is a list of :class:`RunConfig` (:func:`batch_grid`, :func:`groups_grid`);
 :func:`run_grid` runs the unfinished ones through a runner (:mod:`normstudy.runners`) into
 ``OUT/<run id>/`` and keeps ``OUT/summary.json``, ``OUT/results.md`` and the figures
-(:func:`write_summary`) up to date. Running the same command again continues the grid: finished
+(:func:`summary.write_summary`, over every finished run in OUT) up to date. Running the same command again continues the grid: finished
 runs are skipped, interrupted ones resume from their checkpoints.
 
 Bad input ends with one line on stderr and exit 2; failed (e.g. diverged) runs with exit 3 once
 the others are done; Ctrl-C or SIGTERM with exit 130 or 143, finished runs and checkpoints kept.
 """
-import argparse
 import contextlib
 import dataclasses
 import sys
@@ -36,8 +35,9 @@ if __name__ == "__main__":  # first: importing torch (below) takes seconds, and 
 from . import checkpoints
 from . import cli
 from . import run as run_lib
-from . import runtime as runtime_lib
+from . import report
 from . import study_report
+from . import summary as summary_lib
 from .config import NORMS, ORDERS, RunConfig
 from .runners import RUNNERS, RunsFailed, make_runner
 
@@ -52,23 +52,20 @@ GPUS = 8  # the ghost grid's other arrangement: optimizer batch GPUS * n (Wu & H
 # The order grid: the recipe's batch and one small one, 16, the groups grid's: the seed's order's runs at
 # both are already in results/groups (copy their folders into the order grid's to skip them).
 ORDER_BATCH_SIZES = (512, 16)
-REFERENCE = "results/batch-size"  # the batch grid whose lines the ghost and remedies figures add
+REFERENCE = summary_lib.REFERENCE  # the batch grid whose lines the ghost and remedies figures add
 SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1,
          "norm_batches": (32, 64)}
 PROG = "python -m normstudy.study"
 DESCRIPTION = ("Train one of the study's grids: every norm at every batch size (Wu & He, Group Normalization, "
                "2018, Table 2) or GroupNorm at each number of groups, with BatchNorm (Table 3).")
 EPILOG = """\
-Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover the grid
-and are rewritten as each run finishes; the figures (batch: test_error_vs_batch.png,
-bn_vs_gn_curves.png; groups: accuracy_vs_groups.png; ghost: statistics_or_steps.png; order:
-order_vs_groups.png; remedies: test_error_vs_batch.png) when the grid ends or stops. Run the same
-command again to continue a stopped grid: finished runs are skipped, interrupted ones resume from
-their checkpoints."""
-FIGURES = {"batch": ("test_error_vs_batch.png", "bn_vs_gn_curves.png"), "groups": ("accuracy_vs_groups.png",),
-           "ghost": ("statistics_or_steps.png",), "order": ("order_vs_groups.png",),
-           "remedies": ("test_error_vs_batch.png",)}
-GRIDS = tuple(FIGURES)
+Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover every
+finished run in OUT (the grid's plan and what it misses beside them) and are rewritten as each run
+finishes; the figures (batch: test_error_vs_batch.png, bn_vs_gn_curves.png; groups:
+accuracy_vs_groups.png; ghost: statistics_or_steps.png; order: order_vs_groups.png; remedies:
+test_error_vs_batch.png) when the grid ends or stops. Run the same command again to continue a
+stopped grid: finished runs are skipped, interrupted ones resume from their checkpoints."""
+GRIDS = tuple(summary_lib.FIGURES)  # batch, groups; issue 20's ghost, order, remedies
 
 
 def _distinct(values):
@@ -150,64 +147,6 @@ def remedies_grid(batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, gn_gro
     return _order(configs)
 
 
-def reference_cells(reference=None):
-    """The cells of the batch grid in folder ``reference`` (default :data:`REFERENCE`), whose lines
-    the ghost and remedies figures add; ``[]`` when it has no summary."""
-    summary = study_report.load_summary(reference or REFERENCE)
-    return summary["cells"] if summary and summary.get("kind") == "batch" else []
-
-
-def write_summary(out, configs, records, *, kind=None, figures=True, reference=None):
-    """``OUT/summary.json`` and ``OUT/results.md`` over ``records`` (those of ``configs``, the grid),
-    and with ``figures`` the grid's figures (:data:`FIGURES`; ``reference``: see
-    :func:`write_figures`); returns the summary."""
-    out = Path(out)
-    summary = study_report.summarize_grid(records, configs, kind=kind)
-    checkpoints.write_json(out / "summary.json", summary)
-    checkpoints.write_text(out / "results.md", study_report.results_markdown(summary))
-    if figures and summary["cells"]:
-        write_figures(out, summary, reference=reference)
-    return summary
-
-
-def write_figures(out, summary, *, reference=None):
-    """The figures of a grid summary into ``out``: for the batch grid the test error against the
-    batch size and BN vs GN training curves at the smallest batch (when both ran there); for the
-    groups grid the accuracy against the number of groups."""
-    from . import plots
-    cells = summary["cells"]
-    if summary["kind"] == "batch":
-        checkpoints.save_figure(Path(out) / "test_error_vs_batch.png", plots.error_vs_batch(cells))
-        norms_at = {}
-        for cell in cells:
-            norms_at.setdefault(cell["batch_size"], set()).add(cell["norm"])
-        if any({"bn", "gn"} <= norms for norms in norms_at.values()):
-            checkpoints.save_figure(Path(out) / "bn_vs_gn_curves.png", plots.bn_vs_gn_curves(cells))
-    elif summary["kind"] == "groups":
-        checkpoints.save_figure(Path(out) / "accuracy_vs_groups.png", plots.accuracy_vs_groups(cells))
-    else:
-        _write_question_figure(out, summary, reference=reference)
-
-
-def _write_question_figure(out, summary, *, reference):
-    """The figure of one of issue 20's grids; ``ghost`` and ``remedies`` with the batch grid's
-    lines (plain BN; BN, LN and GN) from the folder ``reference`` (:func:`reference_cells`)."""
-    from . import plots
-    kind, cells, (name,) = summary["kind"], summary["cells"], FIGURES[summary["kind"]]
-    # The batch grid's lines only where they compare: the same data and epochs (not a smoke grid's beside real runs)
-    alike = {(c["data"], c["epochs"]) for c in cells}
-    others = [c for c in reference_cells(reference) if (c["data"], c["epochs"]) in alike]
-    if kind == "ghost":
-        figure = plots.error_vs_norm_batch(others + cells, arrangement=study_report.arrangement)
-    elif kind == "order":
-        figure = plots.error_vs_groups_by_order(cells)
-    else:
-        batches = {c["batch_size"] for c in cells}
-        plain = [c for c in others if not study_report.cell_choices(c) and c["batch_size"] in batches]
-        figure = plots.error_vs_batch(plain + cells, title="Test error vs batch size, with the remedies (dashed)")
-    checkpoints.save_figure(Path(out) / name, figure)
-
-
 def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, device="auto", runtime=None,
              progress=True, kind=None, restart=False, reference=None):
     """Run every unfinished config of ``configs`` into ``out`` and return all their records (in
@@ -215,18 +154,22 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
 
     Finished runs (``OUT/<run id>/record.json``) are skipped; the rest go through ``runner``
     (default ``LocalRunner()``), interrupted ones resuming from their checkpoints, or with
-    ``restart`` starting over (their checkpoints deleted). The summary (:func:`write_summary`:
-    ``summary.json`` and ``results.md`` after every finished run, the figures too at the end)
-    covers the grid's runs only, those that another command into ``out`` finished included: of two
-    commands, the one that writes last writes the whole truth. ``progress``: a bar over the whole
-    grid (runs done of all, ETA) and a line per finished run; nothing with ``False``. An
-    interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the caller once the summary is
-    written. ``reference``: the batch grid's folder for the ghost and remedies figures
-    (:func:`write_figures`).
+    ``restart`` starting over (their checkpoints deleted). The folder's summary
+    (:func:`summary.write_summary`: ``summary.json`` and ``results.md`` after every finished run,
+    the figures too at the end) covers every finished run in ``out``, the grid's and any other
+    command's, with the grid (``kind``: one of :data:`GRIDS`, inferred from ``configs`` when
+    ``None``) as its plan: of two commands, the one that writes last writes the whole truth.
+    ``progress``: a bar over the whole grid (runs done of all, ETA) and a line per finished run;
+    nothing with ``False``. An interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the
+    caller once the summary is written. ``reference``: the batch grid's folder for the ghost and
+    remedies figures (:func:`summary.write_figures`).
     """
     configs = list(dict.fromkeys(configs))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    report.load_summary(out)  # an unreadable summary is refused now, not after the training
+    kind = kind or study_report.infer_kind([{"norm": c.norm, "groups": c.groups, **c.choices} for c in configs])
+    plan = [config.run_id for config in configs]
     runner = runner if runner is not None else make_runner("local")
     records = {}
     for config in configs:
@@ -238,20 +181,9 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
         _discard_checkpoints(out, todo)
     bar = _progress_bar(total=len(configs), done=len(records), enabled=progress)
 
-    def ordered():
-        return [records[c.run_id] for c in configs if c.run_id in records]
-
-    def summarize(figures):
-        if not records and not any((out / c.run_id / "record.json").is_file() for c in configs):
-            return  # no run finished: nothing to summarize
-        with _summary_lock(out):  # read and written as one: see _summary_lock
-            _finished_elsewhere(out, configs, records)
-            if records:
-                write_summary(out, configs, ordered(), kind=kind, figures=figures, reference=reference)
-
     def on_record(record):
         records[record["id"]] = record
-        summarize(figures=False)
+        summary_lib.write_summary(out, kind=kind, plan=plan, figures=False, reference=reference)
         if progress:
             final = record["final"]
             bar.write(f"{record['id']}: test acc {final['test_acc']:.2f} % (last 3 epochs "
@@ -265,34 +197,8 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
                        on_record=on_record)
     finally:
         bar.close()
-        summarize(figures=True)
-    return ordered()
-
-
-def _finished_elsewhere(out, configs, records):
-    """Add to ``records`` the grid's runs that another process (a second command into ``out``)
-    finished since they were last looked for."""
-    for config in configs:
-        if config.run_id not in records and (out / config.run_id / "record.json").is_file():
-            with contextlib.suppress(run_lib.RunFolderError):  # broken or another's: the grid's start said so
-                record = run_lib.finished_record(out / config.run_id, config)
-                if record is not None:
-                    records[config.run_id] = record
-
-
-@contextlib.contextmanager
-def _summary_lock(out):
-    """Hold ``out/.lock`` while a summary is read and written: of two commands into one folder, the
-    one that writes last has read every record the other wrote before. (Nothing where ``fcntl`` is
-    missing, i.e. on Windows.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(Path(out) / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+        summary_lib.write_summary(out, kind=kind, plan=plan, figures=True, reference=reference)
+    return [records[c.run_id] for c in configs if c.run_id in records]
 
 
 def _discard_checkpoints(out, configs):
@@ -315,15 +221,14 @@ def _progress_bar(*, total, done, enabled):
 
 # --- the command line ---------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = cli._Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                    formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
+def parse_args(argv=None, *, prog=PROG):
+    p = cli._Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=cli._width_100,
+                    parents=[cli.shared_parser()])
     p.add_argument("grid", choices=GRIDS,
                    help="batch: every norm at every batch size; groups: GroupNorm's number of groups, and BN; "
                         "ghost: BN's statistics over n images (ghost batches) at batch 512 and at 8n; order: both "
                         "block orders for GN (G = 1..32) and BN; remedies: BN + Batch Renorm, LN and GN + WS "
                         "at every batch size")
-    p.add_argument("--norms", nargs="+", choices=NORMS, help="batch grid: the norms (default: bn ln gn)")
     p.add_argument("--batch-sizes", nargs="+", type=cli._positive_int, metavar="B",
                    help=f"default: {' '.join(map(str, BATCH_SIZES))} (batch), "
                         f"{' '.join(map(str, GROUPS_BATCH_SIZES))} (groups)")
@@ -336,34 +241,20 @@ def parse_args(argv=None):
     p.add_argument("--reference", metavar="DIR",
                    help=f"ghost and remedies grids: the batch grid's folder, whose lines their figure adds "
                         f"(default: {REFERENCE}, if it has a summary)")
-    p.add_argument("--seeds", nargs="+", type=cli._seed, metavar="S",
-                   help=f"default: {' '.join(map(str, SEEDS))} (--smoke: 0)")
-    p.add_argument("--epochs", type=cli._positive_int, help=f"default: {EPOCHS} (--smoke: 1)")
-    p.add_argument("--out", help="the grid's folder (default: runs/study-batch or runs/study-groups; "
-                                 "with --smoke, runs/study-batch-smoke ...)")
-    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ (default: ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download the dataset")
-    p.add_argument("--smoke", action="store_true",
-                   help="small synthetic data, 1 epoch, seed 0, batch 256 and 512: seconds a run; checks the machinery, its accuracy means nothing")
     p.add_argument("--runner", choices=RUNNERS, default="local", help="local (this process; default) or ray")
     p.add_argument("--concurrency", type=cli._positive_int,
                    help="runs at once: with the local runner, threads of this process, a CUDA stream each "
                         "(default 1); with Ray, per worker (default 2 on a GPU, 1 on CPUs)")
     p.add_argument("--stack", type=_stack_size, default=1, metavar="K",
-                   help="train up to K runs that share a batch size as one stacked model (grouped convolutions; "
-                        "each run still its own folder, checkpoints and record); auto: on CUDA up to 32 runs and "
-                        "4096 images a step, 1 elsewhere. Default 1: on the H200 stacks of mixed norms are not yet "
-                        "faster than --concurrency's streams (benchmarks/NOTES.md)")
+                   help="train up to K runs of one norm that share a batch size as one stacked model (grouped "
+                        "convolutions; each run still its own folder, checkpoints and record); auto: on CUDA, stacks "
+                        "of up to 32 runs and 4096 images a step where at least 27 runs share a norm, else single "
+                        "runs. Default 1: on the H200 stacks of fewer than 27 runs are slower than --concurrency's "
+                        "streams of single runs (benchmarks/NOTES.md)")
     p.add_argument("--address", help="--runner ray: the Ray cluster's address (default: start a local one)")
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA, else MPS, else CPU; the default), cuda, cuda:1, mps or cpu")
-    p.add_argument("--runtime", choices=runtime_lib.PRESETS, default="fast",
-                   help="; ".join(f"{name}: {what}" for name, what in runtime_lib.PRESETS.items()) + " (default: fast)")
     p.add_argument("--summary-only", action="store_true",
-                   help="train nothing: rewrite summary.json, results.md and the figures from the finished runs")
-    p.add_argument("--restart", action="store_true",
-                   help="start the grid's interrupted runs over, discarding their checkpoints (e.g. a damaged one)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
+                   help="train nothing: rewrite the folder's summary.json, results.md and figures from its finished "
+                        "runs, with this grid as the plan")
     return p.parse_args(argv)
 
 
@@ -386,9 +277,9 @@ def configs_from_args(args):
         if args.groups is not None and len(args.groups) != 1:
             raise ValueError("--groups: the batch grid takes one group count (GroupNorm's), "
                              f"got {len(args.groups)}")
-        if args.groups is not None and "gn" not in (args.norms or NORMS):
+        if args.groups is not None and "gn" not in cli.norms_from(args):
             raise ValueError("--groups applies to GroupNorm only (--norms ... gn)")
-        return batch_grid(norms=args.norms or NORMS,
+        return batch_grid(norms=cli.norms_from(args),
                           batch_sizes=args.batch_sizes or (SMOKE["batch_sizes"] if args.smoke else BATCH_SIZES),
                           seeds=seeds, epochs=epochs, gn_groups=args.groups[0] if args.groups else None, data=data)
     if args.norms is not None:
@@ -417,18 +308,24 @@ def _question_configs(args, *, seeds, epochs, data):
                          seeds=seeds, epochs=epochs, gn_groups=args.groups[0] if args.groups else None, data=data)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, *, prog=PROG):
+    """The study's command line (``prog``: how it was invoked, for its messages; ``normstudy
+    study`` passes its own); returns the exit code."""
+    args = parse_args(argv, prog=prog)
     out = Path(args.out or f"runs/study-{args.grid}" + ("-smoke" if args.smoke else ""))
-    return cli.exit_code(PROG, lambda: _study(args, out),
+    return cli.exit_code(prog, lambda: _study(args, out, prog=prog),
                          kept=f"finished runs are kept in {out} and interrupted ones in their checkpoints "
                               "(run the same command again to continue)")
 
 
-def _study(args, out):
+def _study(args, out, *, prog=PROG):
     """The study command's work: the grid (or only its summary), then its table. Failed runs end it
     with exit 3 once the others are done."""
     configs = configs_from_args(args)  # bad settings are refused before any data is read
+    held = summary_lib.folder_kind(report.load_summary(out)) if out.is_dir() else None
+    if held not in (None, args.grid) and not args.quiet:
+        print(f"{out} holds the {held} grid: its summary keeps that grid's tables and figures, over every finished "
+              f"run, with this {args.grid} grid as the plan", flush=True)
     if args.summary_only:
         return _summary_only(args, configs, out)
     stack = args.stack
@@ -442,28 +339,30 @@ def _study(args, out):
                  device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid,
                  restart=args.restart, reference=args.reference)
     except RunsFailed as err:
-        print(f"{PROG}: {err}; {_after_failures(err, configs, out)}", file=sys.stderr)
+        print(f"{prog}: {err}; {_after_failures(err, configs, out)}", file=sys.stderr)
         return cli.EXIT_DIVERGED
     if not args.quiet:
         print((out / "results.md").read_text())
 
 
 def _summary_only(args, configs, out):
-    """``--summary-only``: the summary of the grid's finished runs, training nothing (so with no
-    runner: ``--runner ray`` needs no Ray). With no finished run it says so and writes nothing."""
+    """``--summary-only``: the folder's summary with the grid as its plan, training nothing (so
+    with no runner: ``--runner ray`` needs no Ray). A broken record of the grid is refused in one
+    line; with no finished run in ``out`` it says so and writes nothing."""
     if args.restart:
         raise ValueError("--restart trains; it does not go with --summary-only")
     if args.runner == "local":
         make_runner("local", address=args.address)  # refuses what the local runner does not take
-    records = _finished_records(configs, out) if out.is_dir() else []
-    if not records:
+    for config in configs:  # a broken record, or another configuration's, in the grid's place
+        run_lib.finished_record(out / config.run_id, config)
+    text = (summary_lib.write_summary(out, kind=args.grid, plan=[c.run_id for c in configs], reference=args.reference)
+            if out.is_dir() else None)
+    if text is None:
         if not args.quiet:
             print(f"no finished runs of this grid in {out} (0 of {len(configs)}): nothing to summarize")
         return
-    cli._writable_dir(out)
-    write_summary(out, configs, records, kind=args.grid, reference=args.reference)
     if not args.quiet:
-        print((out / "results.md").read_text())
+        print(text)
 
 
 def _after_failures(failed, configs, out):
@@ -475,12 +374,6 @@ def _after_failures(failed, configs, out):
     if any(why.startswith(f"{checkpoints.CheckpointError.__name__}: ") for why in failed.failures.values()):
         text += "; run again with --restart to start the interrupted runs over, discarding their checkpoints"
     return text
-
-
-def _finished_records(configs, out):
-    """The records of the finished runs among ``configs`` in ``out``."""
-    records = (run_lib.read_record(Path(out) / config.run_id) for config in configs)
-    return [record for record in records if record is not None]
 
 
 def _write_line(line):

@@ -1,110 +1,57 @@
-"""Summaries of the study's grids, as pure functions over records (plus :func:`load_summary`).
+"""The study's tables of a folder's summary (:mod:`normstudy.report`'s schema), as pure functions.
 
 A *cell* is one variant (norm, and GroupNorm's group count) at one batch size: its runs differ
-only by their seed (``RunConfig.cell``). Per cell the summary gives, over the seeds, the mean
-and the standard deviation (n - 1; 0 for one seed) of
-
-    test_acc               the last epoch's test accuracy (%)
-    test_acc_last3_mean    the mean test accuracy of the last 3 epochs (%): less noisy
-    test_error, test_error_last3_mean   100 minus each of them
-
-and the mean and spread of the training and test error per epoch (for the curves). The tables
-report ``test_error_last3_mean`` (:data:`METRIC`), laid out like Wu & He's *Group
-Normalization* (2018): Table 2 (rows: norms, columns: batch sizes, plus a "GN − BN" row) for the
-batch-size grid and Table 3 (columns: groups, plus BN) for the groups grid. A cell whose runs
-collapsed to chance (``run.collapsed``; per seed in the cell's ``"collapsed"``) is marked in them.
+only by their seed (``RunConfig.cell``). The tables report ``test_error_last3_mean``
+(:data:`METRIC`, 100 minus the mean test accuracy of the last 3 epochs, mean ± standard deviation
+over seeds), laid out like Wu & He's *Group Normalization* (2018): Table 2 (rows: norms,
+columns: batch sizes, plus a "GN − BN" row) for the batch-size grid and Table 3 (columns: groups,
+plus BN) for the groups grid. A cell whose runs collapsed to chance (``run.collapsed``; per seed
+in the cell's ``"collapsed"``) is marked in them.
 
 Issue 20's grids: a cell of runs with network choices (``RunConfig.choices``: block order, ghost
 batches, Batch Renorm, WS) carries them as keys (``"norm_batch": 16``; absent for the seed's
 network, so earlier summaries read the same) and its variant says them (``BN + Batch Renorm``).
 Tables: :func:`ghost_table` (a column per normalization batch n), :func:`order_table` (Table 3 in
 each block order) and, for the remedies, :func:`batch_table` with a row per remedy.
+
+:func:`results_markdown` shows every cell of the summary: a table per setting (epochs, data,
+recipe overrides) so that runs of a narrower or quicker grid never hide the grid's, and the cells
+the layout has no place for (LayerNorm in the groups layout; a cell whose network choices the
+layout does not show, e.g. GroupNorm + WS in the groups layout) in the per-cell table: a choice is
+part of the cell's variant, so two cells of different choices never take one place in a table.
 """
-import json
-import statistics
-from pathlib import Path
+from .config import CHANNELS, CHOICES, RunConfig
+from .report import (COLLAPSE_NOTE, METRIC, _cell_order, cell_choices, collapse_mark, collapsed_runs,  # noqa: F401
+                     load_summary, results_table, skipped_lines, status_line, summarize, summarize_cell,
+                     variant_name)
 
-from .config import CHANNELS, CHOICES, NORMS, RunConfig, choice_words
-from .report import COLLAPSE_NOTE, collapse_mark, mean_std
-from .run import collapsed, is_collapsed
-
-METRIC = "test_error_last3_mean"
 METRICS = ("test_acc", "test_acc_last3_mean", "test_error", "test_error_last3_mean")
 
 
-def variant_name(norm, groups, choices=None):
-    """Short row name: ``BN``, ``LN`` or ``GN (G=4)``; with network choices (``RunConfig.choices``)
-    e.g. ``BN + Batch Renorm``, ``GN (G=2) + WS`` or ``BN, statistics over 16 images``."""
-    return ({"bn": "BN", "ln": "LN"}.get(norm) or f"GN (G={groups})") + "".join(choice_words(choices or {}))
-
-
-def _stats(values):
-    mean, std = mean_std(values)
-    return {"values": list(values), "mean": mean, "std": std}
-
-
-def _curve(lists):
-    """Per-epoch mean and spread of several equally long lists."""
-    pairs = [mean_std(values) for values in zip(*lists)]
-    return {"mean": [m for m, _ in pairs], "std": [s for _, s in pairs]}
-
-
-def summarize_cell(records):
-    """The summary of one cell's records (same ``RunConfig.cell``, one per seed)."""
-    runs = sorted(((RunConfig.from_dict(r["config"]), r) for r in records), key=lambda run: run[0].seed)
-    config = runs[0][0]
-    if len({c.cell for c, _ in runs}) != 1:
-        raise ValueError("summarize_cell: records of different cells")
-    finals = {"test_acc": [r["final"]["test_acc"] for _, r in runs],
-              "test_acc_last3_mean": [r["final"]["test_acc_last3_mean"] for _, r in runs]}
-    finals["test_error"] = [100.0 - a for a in finals["test_acc"]]
-    finals["test_error_last3_mean"] = [100.0 - a for a in finals["test_acc_last3_mean"]]
-    histories = [r["history"] for _, r in runs]
-    return {
-        "cell": config.cell, "variant": variant_name(config.norm, config.groups, config.choices),
-        "label": config.label, "norm": config.norm, "groups": config.groups, **config.choices,  # choices: only if any
-        "batch_size": config.batch_size, "epochs": config.epochs,
-        "data": config.data, "seeds": [c.seed for c, _ in runs], "run_ids": [c.run_id for c, _ in runs],
-        "devices": sorted({r.get("device", "?") for _, r in runs}),
-        "collapsed": [is_collapsed(r) for _, r in runs],  # per seed: at chance (run.collapsed)
-        **{key: _stats(values) for key, values in finals.items()},
-        "curves": {"train_error": _curve([[100.0 - a for a in h["train_acc"]] for h in histories]),
-                   "test_error": _curve([[100.0 - a for a in h["test_acc"]] for h in histories])},
-        "seconds_per_epoch": statistics.mean(r["final"]["seconds_per_epoch"] for _, r in runs),
-    }
-
-
-def _cell_order(cell):
-    return NORMS.index(cell["norm"]), cell["groups"] or 0, cell_choices(cell) != {}, cell["batch_size"], cell["cell"]
-
-
-def cell_choices(cell):
-    """A summary cell's network choices (``RunConfig.choices``: only those that differ from the seed's)."""
-    return {name: cell[name] for name in CHOICES if name in cell and cell[name] != CHOICES[name]}
-
-
 def infer_kind(cells):
-    """``"groups"`` when the GroupNorm cells come in more than one group count, else ``"batch"``."""
+    """The grid kind of ``cells`` (summary cells, or dicts of ``norm``, ``groups`` and any network
+    choices): issue 20's ``"ghost"``, ``"order"`` or ``"remedies"`` by the choices their cells
+    have; else ``"groups"`` when the GroupNorm cells come in more than one group count, else
+    ``"batch"``."""
+    choices = {name for cell in cells for name in cell_choices(cell)}
+    if "norm_batch" in choices:
+        return "ghost"
+    if "order" in choices:
+        return "order"
+    if choices & {"renorm", "ws"}:
+        return "remedies"
     return "groups" if len({c["groups"] for c in cells if c["norm"] == "gn"}) > 1 else "batch"
 
 
 def summarize_grid(records, configs=None, *, kind=None):
-    """The summary of a grid: ``{"kind", "metric", "cells", "planned", "finished", "missing"}``.
-
-    ``cells``: one :func:`summarize_cell` per cell, ordered by norm, groups and batch size.
-    ``configs`` (the grid's planned runs, configs or their dicts) gives ``planned`` and
-    ``missing`` (the run ids without a record). ``kind``: ``"batch"`` or ``"groups"`` (the table's
-    layout; inferred from the cells when ``None``)."""
-    by_cell = {}
-    for record in records:
-        by_cell.setdefault(RunConfig.from_dict(record["config"]).cell, []).append(record)
-    cells = sorted((summarize_cell(group) for group in by_cell.values()), key=_cell_order)
-    finished = {RunConfig.from_dict(r["config"]).run_id for r in records}
-    planned = None if configs is None else [
+    """The summary (:func:`report.summarize`) of a grid's ``records``: ``configs`` (the grid's
+    planned runs, configs or their dicts) is its plan; ``kind``: the grid (:data:`TABLES`: the
+    table's layout; inferred from the cells when ``None``, :func:`infer_kind`)."""
+    plan = None if configs is None else [
         (c if isinstance(c, RunConfig) else RunConfig.from_dict(c)).run_id for c in configs]
-    return {"kind": kind or infer_kind(cells), "metric": METRIC, "cells": cells,
-            "planned": len(planned) if planned is not None else len(finished), "finished": len(finished),
-            "missing": [run_id for run_id in planned if run_id not in finished] if planned is not None else []}
+    summary = summarize(records, kind=kind, plan=plan)
+    summary["kind"] = kind or infer_kind(summary["cells"])
+    return summary
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -115,14 +62,6 @@ def _value(cell, metric):
     stats = cell[metric]
     return (f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if len(stats["values"]) > 1 else "")
             + collapse_mark(collapsed_runs(cell)))
-
-
-def collapsed_runs(cell):
-    """Per seed, whether the cell's run collapsed to chance; a summary written before the
-    ``"collapsed"`` field existed is judged by its figures."""
-    if "collapsed" in cell:
-        return cell["collapsed"]
-    return [collapsed({"test_acc_last3_mean": acc}) for acc in cell["test_acc_last3_mean"]["values"]]
 
 
 def batch_table(summary, metric=METRIC):
@@ -259,37 +198,78 @@ _METRIC_WORDS = {
 }
 
 
+def settings(cell):
+    """What a cell's runs share beyond norm and batch, in words: runs of different settings are
+    never put in one table (they would take one place)."""
+    words = [f"{cell['epochs']} epochs", cell["data"]]
+    words += [f"{key}={value}" for key, value in cell.get("overrides", {}).items()]
+    if cell.get("holdout"):
+        words.append(f"{cell['holdout']} held-out images")
+    return ", ".join(words)
+
+
+def partitions(cells):
+    """``[(settings, cells)]``: the cells grouped by :func:`settings`, the group with the most
+    runs first (the grid's own, whatever a quicker command added beside it)."""
+    groups = {}
+    for cell in cells:
+        groups.setdefault(settings(cell), []).append(cell)
+    return sorted(groups.items(), key=lambda item: -sum(len(c["seeds"]) for c in item[1]))
+
+
+def placed(kind, cells):
+    """The cells that ``kind``'s layout shows, and those it has no place for. A choice is part of
+    a cell's variant: a layout shows only the network choices it has a place for (batch and
+    remedies: any, a row per variant; groups: none; order: the block order; ghost: BatchNorm's
+    normalization batch alone), so that cells of different choices never take one place."""
+    def shows(cell):
+        choices = set(cell_choices(cell))
+        if kind in ("groups", "order"):  # columns: GroupNorm's group counts, and BN
+            return cell["norm"] != "ln" and choices <= ({"order"} if kind == "order" else set())
+        if kind == "ghost":  # columns: the normalization batch n
+            return cell["norm"] == "bn" and choices == {"norm_batch"}
+        return True  # batch, remedies: a row per variant, choices included
+    return [c for c in cells if shows(c)], [c for c in cells if not shows(c)]
+
+
 def results_markdown(summary, *, title=None):
-    """``results.md``: the grid's table (:func:`batch_table` or :func:`groups_table`) of
-    :data:`METRIC`, the same for the last epoch alone, and which runs are missing."""
+    """``results.md`` of a grid folder: its status (:func:`report.status_line`), the grid's table
+    (:func:`batch_table` or :func:`groups_table`) of :data:`METRIC` and the same for the last
+    epoch alone, per setting (:func:`partitions`), every cell the layout cannot show, which
+    runs of the plan are missing and which run folders were skipped as broken."""
     kind = summary["kind"]
     table = TABLES[kind]
     cells = summary["cells"]
+    title = title or TITLES[kind]
+    if not cells:  # no table to show, not an empty one
+        planned = summary["plan"]["planned"] if summary["plan"] else 0
+        return f"# {title}\n\nNo finished runs yet (0 of {planned}).\n" + skipped_lines(summary)
     seeds = sorted({len(c["seeds"]) for c in cells})
     epochs = sorted({c["epochs"] for c in cells})
     devices = sorted({d for c in cells for d in c["devices"]})
     data = sorted({c["data"] for c in cells})
-    title = title or TITLES[kind]
-    if not cells:  # no table to show, not an empty one
-        return f"# {title}\n\nNo finished runs yet (0 of {summary['planned']}).\n"
     text = [f"# {title}", "",
-            f"{summary['finished']} of {summary['planned']} runs finished; "
-            f"epochs: {'/'.join(map(str, epochs)) or '?'}; seeds per cell: {'/'.join(map(str, seeds)) or '?'}; "
-            f"data: {', '.join(data) or '?'}; device: {', '.join(devices) or '?'}.", "",
-            f"Values: {_METRIC_WORDS[summary['metric']]}, mean ± standard deviation over seeds.", "",
-            table(summary, summary["metric"]).rstrip(), "",
-            f"The same, {_METRIC_WORDS['test_error']}:", "", table(summary, "test_error").rstrip()]
+            f"{status_line(summary)}; epochs: {'/'.join(map(str, epochs))}; seeds per cell: "
+            f"{'/'.join(map(str, seeds))}; data: {', '.join(data)}; device: {', '.join(devices)}.", "",
+            f"Values: {_METRIC_WORDS[summary['metric']]}, mean ± standard deviation over seeds."]
+    several = len(partitions(cells)) > 1
+    unplaced = []
+    for words, part in partitions(cells):
+        shown, left = placed(kind, part)
+        unplaced += left
+        if not shown:
+            continue
+        part_summary = {**summary, "cells": shown}
+        text += [""] + ([f"## {words}", ""] if several else [])
+        text += [table(part_summary, summary["metric"]).rstrip(), "",
+                 f"The same, {_METRIC_WORDS['test_error']}:", "", table(part_summary, "test_error").rstrip()]
     if kind in NOTES:
         text += ["", NOTES[kind]]
+    if unplaced:
+        text += ["", "Runs this layout has no place for:", "", results_table(unplaced).rstrip()]
     if any(any(collapsed_runs(cell)) for cell in cells):
         text += ["", COLLAPSE_NOTE]
-    if summary["missing"]:
-        text += ["", f"Missing ({len(summary['missing'])} runs not finished): "
-                 + ", ".join(summary["missing"]) + "."]
-    return "\n".join(text).rstrip() + "\n"
-
-
-def load_summary(folder):
-    """The ``summary.json`` a grid wrote into ``folder``, or ``None`` when there is none."""
-    path = Path(folder) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    missing = summary["plan"]["missing"] if summary["plan"] else []
+    if missing:
+        text += ["", f"Missing ({len(missing)} runs not finished): " + ", ".join(missing) + "."]
+    return "\n".join(text).rstrip() + "\n" + skipped_lines(summary)

@@ -147,7 +147,7 @@ def study_cells():
             "batch = study_report.load_summary(BATCH_RESULTS)\n"
             "groups = study_report.load_summary(GROUPS_RESULTS)\n"
             "for name, folder, summary in (('batch', BATCH_RESULTS, batch), ('groups', GROUPS_RESULTS, groups)):\n"
-            "    print(f'{folder}: ' + (f\"{summary['finished']} of {summary['planned']} runs finished\" if summary else\n"
+            "    print(f'{folder}: ' + (study_report.status_line(summary) if summary else\n"
             "                           f'no summary.json yet; make it with: python -m normstudy.study {name} --out {folder}'))"),
         new_markdown_cell(
             "## Test error vs batch size (Table 2)\n\n"

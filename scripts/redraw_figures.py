@@ -11,11 +11,10 @@ before anything is drawn: its record, its weights, and that the data given are i
 fingerprint its record or checkpoint keeps; for older runs with neither, CIFAR-10's 50,000
 training and 10,000 test images). Anything else is refused in one line, exit 2, nothing written.
 """
-import json
 import sys
 from pathlib import Path
 
-from normstudy import checkpoints, cli, data, models, recipe as recipe_lib, report, run
+from normstudy import checkpoints, cli, data, models, recipe as recipe_lib, report, run, summary
 from normstudy.config import RunConfig
 
 PROG = "redraw_figures.py"
@@ -37,16 +36,13 @@ def main(argv=None):
 
 def redraw(results, data_dir):
     """Check every run under ``results`` (:func:`check_runs`), then redraw their figures and the
-    folder's summary."""
+    folder's summary and figures (the one writer: every finished run, a grid's kind and plan kept)."""
     runs = check_runs(results, data_dir)  # every run, before any figure is drawn
+    report.load_summary(results)  # an unreadable summary: one line, before any figure is drawn
     for run_dir, record, model, dataset in runs:
         run.write_run_figures(run_dir, record, model=model, device="cpu", dataset=dataset)
         print("redrew", run_dir)
-    if _is_study_summary(results / "summary.json"):  # a grid's summary is the study's to write
-        print(f"{results} holds a grid: its summary and figures come from "
-              f"python -m normstudy.study GRID --out {results} --summary-only")
-    else:
-        print(report.write_summary(results))
+    print(summary.write_summary(results))
 
 
 def check_runs(results, data_dir):
@@ -102,13 +98,6 @@ def _checkpoint_fingerprint(path):
 def _describe(fingerprint):
     text = f"{fingerprint['train']:,} training and {fingerprint['test']:,} test images"
     return text + (f", sha1 {fingerprint['sha1'][:12]}" if "sha1" in fingerprint else "")
-
-
-def _is_study_summary(path):
-    try:
-        return "cells" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 if __name__ == "__main__":

@@ -48,9 +48,12 @@ def test_smoke_run_writes_every_artifact(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "bn-b512-e1-s0-synthetic", "gn-g2-b512-e1-s0-synthetic", "ln-b512-e1-s0-synthetic"]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary) == ["bn-b512-e1-synthetic", "ln-b512-e1-synthetic", "gn-g2-b512-e1-synthetic"]
+    assert summary["schema"] == 2 and summary["kind"] is None and summary["runs"] == 3 and summary["plan"] is None
+    assert [c["cell"] for c in summary["cells"]] == ["bn-b512-e1-synthetic", "ln-b512-e1-synthetic",
+                                                     "gn-g2-b512-e1-synthetic"]
     assert {"params", "epochs", "batch_size", "seeds", "test_acc_last3_mean", "test_acc_best",
-            "train_acc", "seconds_per_epoch", "device", "recipe"} <= set(summary["gn-g2-b512-e1-synthetic"])
+            "train_acc", "seconds_per_epoch", "devices", "recipe"} <= set(summary["cells"][2])
+    assert set(summary["cells"][2]["test_acc_last3_mean"]) == {"values", "mean", "std"}
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert "| GroupNorm (2 groups) | 512 | 48,736 | 1 |" in (tmp_path / "results.md").read_text()
     assert "| BatchNorm" in out

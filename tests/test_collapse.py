@@ -42,7 +42,8 @@ def test_groupnorm_with_32_groups_says_it_collapsed_in_its_line_record_and_table
     row, = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| GroupNorm")]
     assert "| 10.00 % (collapsed) |" in row  # one seed: no spread shown
     assert "Collapsed: a run's test accuracy" in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "summary.json").read_text())["gn-g32-b64-e1-synthetic"]["collapsed"] == [True]
+    cell, = json.loads((tmp_path / "summary.json").read_text())["cells"]
+    assert cell["cell"] == "gn-g32-b64-e1-synthetic" and cell["collapsed"] == [True]
 
 
 def fake_record(norm, seed, acc, *, groups=None, **fields):

@@ -58,13 +58,20 @@ def test_a_missing_or_unknown_command_is_one_line_and_exit_2(argv, line, capsys)
 @pytest.mark.parametrize("name, module", [("train", cli), ("study", study)])
 def test_train_and_study_are_their_command_lines(name, module, capsys, monkeypatch):
     seen = []
-    monkeypatch.setattr(module, "main", lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(module, "main", lambda argv, prog: seen.append((argv, prog)) or 7)
     assert run([name, "--norm", "gn", "--smoke"], capsys)[0] == 7
-    assert seen == [["--norm", "gn", "--smoke"]]
+    assert seen == [(["--norm", "gn", "--smoke"], f"normstudy {name}")]
 
 
-def test_train_answers_as_train_py(tmp_path, capsys):
-    code, _, err = run(["train", "--norm", "xn", "--out", str(tmp_path)], capsys)
+@pytest.mark.parametrize("name, argv", [("train", ["--norm", "xn"]), ("study", ["batch", "--norms", "xn"])])
+def test_each_command_names_itself_as_invoked(name, argv, tmp_path, capsys):
+    # Bug: `normstudy train` answered "train.py: error: ..." and `normstudy study` "python -m
+    # normstudy.study: error: ...", in its usage and errors alike.
+    code, _, err = run([name, *argv, "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith(f"normstudy {name}: error: argument --norm")
+    code, out, _ = run([name, "--help"], capsys)
+    assert code == 0 and out.startswith(f"usage: normstudy {name} ")
+    code, _, err = call_main(cli.main, ["--norm", "xn"], capsys)  # train.py itself
     assert code == 2 and err.startswith("train.py: error: argument --norm: invalid choice: 'xn'")
 
 
@@ -74,7 +81,8 @@ def test_summarize_writes_train_pys_summary_of_a_folder_of_runs(tmp_path, capsys
     code, out, err = run(["summarize", str(tmp_path)], capsys)
     assert code == 0, err
     assert "| BatchNorm | 512 | 48,736 | 2 |" in out and out.strip() in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "summary.json").read_text())["bn-b512-e3"]["seeds"] == [0, 1]
+    cell, = json.loads((tmp_path / "summary.json").read_text())["cells"]
+    assert cell["cell"] == "bn-b512-e3" and cell["seeds"] == [0, 1]
 
 
 def test_summarize_writes_the_studys_summary_of_a_grid(tmp_path, capsys):
@@ -84,7 +92,8 @@ def test_summarize_writes_the_studys_summary_of_a_grid(tmp_path, capsys):
     code, _, err = run(["summarize", str(tmp_path), "--quiet"], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["kind"] == "groups" and summary["planned"] == 63 and summary["finished"] == 2  # the study's grid
+    assert summary["kind"] == "groups" and summary["runs"] == 2
+    assert summary["plan"]["planned"] == 63 and summary["plan"]["finished"] == 2  # the study's grid
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Test error vs number of groups") and "| 512 | 90.00 (collapsed) | 15.00 |" in text
     assert (tmp_path / "accuracy_vs_groups.png").stat().st_size > 0

@@ -116,7 +116,7 @@ def test_a_lost_worker_loses_no_run_and_counts_none_twice(ray_cluster, reference
     finished, skipped = report.load_records(tmp_path)
     assert [r["id"] for r in finished] == sorted(c.run_id for c in grid) and skipped == []
     summary = report.summarize(finished)
-    assert [(s["norm"], s["seeds"]) for s in summary.values()] == [("bn", [0]), ("ln", [2]), ("gn", [1])]
+    assert [(s["norm"], s["seeds"]) for s in summary["cells"]] == [("bn", [0]), ("ln", [2]), ("gn", [1])]
 
 
 def test_a_run_whose_files_are_coming_back_when_stopped_is_still_delivered(ray_cluster, references, tmp_path,

@@ -330,3 +330,42 @@ def test_a_run_records_the_runtime_it_trained_with(tmp_path, monkeypatch):
     record = run_lib.run_one(config, tmp_path, device="cpu", figures=False, progress=False, log=lambda line: None)
     assert record["runtime"]["cudnn_benchmark"] is True
     assert fit_lib.resolve_runtime("cpu", "bn")["cudnn_benchmark"] is False
+
+
+def test_a_passed_self_check_is_remembered_per_machine_and_kernels(monkeypatch, tmp_path):
+    """fast.checked: a pass is a file in Triton's cache folder, named by what decides the kernels'
+    results (norm layers, dtype, GPU, versions); off CUDA there is nothing to remember."""
+    from types import SimpleNamespace
+    from normstudy.fast import checked
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name="Fake GPU", major=9, minor=0))
+    bn, gn4 = models.CifarNet("bn"), models.CifarNet("gn", groups=4)
+    key = checked.key(bn, device="cuda", dtype=torch.bfloat16)
+    others = {checked.key(gn4, device="cuda", dtype=torch.bfloat16), checked.key(bn, device="cuda", dtype=None),
+              checked.key(models.CifarNet("gn", groups=2), device="cuda", dtype=torch.bfloat16)}
+    assert key not in others and len(others) == 3
+    assert checked.key(bn, device="cpu", dtype=torch.bfloat16) is None
+    assert not checked.passed(key)
+    checked.remember(key)
+    assert checked.passed(key) and not any(checked.passed(other) for other in others)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton" / checked.FOLDER / key))  # a file: unwritable
+    checked.remember(key)  # no error: the check just runs again next time
+
+
+def test_compile_kernels_skips_a_self_check_that_passed_before(monkeypatch, capsys):
+    device = kernels_device()
+    from normstudy.fast import checked
+    memo = set()
+    monkeypatch.setattr(checked, "key", lambda model, *, device, dtype: "k")
+    monkeypatch.setattr(checked, "passed", lambda name: name in memo)
+    monkeypatch.setattr(checked, "remember", memo.add)
+    checks = []
+    monkeypatch.setattr(fit_lib, "kernels_self_check", lambda *args: checks.append(args) or None)
+    model = models.CifarNet("bn")
+    runtime = dict(FP32_KERNELS)
+    fit_lib.prepare_model(model, device, runtime)
+    assert fit_lib.compile_kernels(model, device, runtime, image_shape=(3, 32, 32)) is runtime
+    assert len(checks) == 1 and memo == {"k"}
+    assert fit_lib.compile_kernels(model, device, runtime, image_shape=(3, 32, 32)) is runtime
+    assert len(checks) == 1 and said(capsys) == []  # the second run trusts the first's check

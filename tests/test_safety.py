@@ -136,9 +136,10 @@ def test_cells_never_average_runs_whose_configs_differ():
     """"cells never average runs whose configs differ"."""
     a0, a1 = RunConfig("gn", epochs=1), RunConfig("gn", epochs=1, seed=1)
     other = RunConfig("gn", epochs=1, overrides=(("lr_per_32", 0.02),))
-    summary = report.summarize([fake_record(a0, 50.0), fake_record(a1, 60.0), fake_record(other, 10.0)])
-    assert summary[a0.cell]["seeds"] == [0, 1] and summary[a0.cell]["test_acc_last3_mean"] == [50.0, 60.0]
-    assert summary[other.cell]["seeds"] == [0] and summary[other.cell]["test_acc_last3_mean"] == [10.0]
+    cells = {c["cell"]: c for c in report.summarize([fake_record(a0, 50.0), fake_record(a1, 60.0),
+                                                     fake_record(other, 10.0)])["cells"]}
+    assert cells[a0.cell]["seeds"] == [0, 1] and cells[a0.cell]["test_acc_last3_mean"]["values"] == [50.0, 60.0]
+    assert cells[other.cell]["seeds"] == [0] and cells[other.cell]["test_acc_last3_mean"]["values"] == [10.0]
 
 
 def test_batchnorm_running_variance_overflow_is_caught():
@@ -465,7 +466,8 @@ def test_summary_skips_and_names_broken_run_folders(tmp_path, capsys):
     assert code == 0 and "| BatchNorm | 512 | 48,736 | 1 |" in out
     for name in broken:
         assert f"- {tmp_path / name / 'record.json'}: " in out, name
-    assert list(json.loads((tmp_path / "summary.json").read_text())) == [SMOKE_BN.cell]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["cell"] for c in summary["cells"]] == [SMOKE_BN.cell] and len(summary["skipped"]) == len(broken)
 
 
 def test_divergence_message_says_whether_a_checkpoint_exists(tmp_path, capsys, monkeypatch):

@@ -205,10 +205,14 @@ def test_plan_stacks_groups_runs_that_can_step_together():
     assert [len(s) for s in stacks] == [3, 3, 3, 3, 3, 3]  # 9 runs a batch size: 3 even stacks of at most 4
     assert all(len({c.batch_size for c in s}) == 1 for s in stacks)
     assert sorted(c.run_id for s in stacks for c in s) == sorted(c.run_id for c in runs)
-    whole = stack_lib.plan_stacks(runs, 9)
-    assert [[c.norm for c in s] for s in whole] == [["bn"] * 3 + ["ln"] * 3 + ["gn"] * 3] * 2  # one segment a norm (LN is GN of 1 group)
+    whole = stack_lib.plan_stacks(runs, 9)  # one norm a stack: faster than mixed ones
+    assert [[c.norm for c in s] for s in whole] == [["gn"] * 3, ["bn"] * 3, ["ln"] * 3] * 2
+    mixed = stack_lib.plan_stacks(runs, 9, mix_norms=True)
+    assert [[c.norm for c in s] for s in mixed] == [["bn"] * 3 + ["ln"] * 3 + ["gn"] * 3] * 2  # one segment a norm (LN is GN of 1 group)
+    alone = stack_lib.plan_stacks(runs, 9, min_size=4)  # groups of 3 runs of one norm: single runs
+    assert [[c.run_id for c in s] for s in alone] == [[c.run_id] for c in runs]
     other_lr = RunConfig(norm="bn", batch_size=8, epochs=2, overrides=(("lr_per_32", 0.02),))
-    assert len(stack_lib.plan_stacks(runs[:9] + [other_lr], 32)) == 2
+    assert len(stack_lib.plan_stacks(runs[:9] + [other_lr], 32, mix_norms=True)) == 2
     assert stack_lib.auto_size(runs[0], device="cpu", train_images=torch.zeros(10, 3, 32, 32)) == 1
     with pytest.raises(ValueError, match="share"):
         stack_lib.train_stack([runs[0], other_lr], "unused", dataset=None, device="cpu")
@@ -216,12 +220,15 @@ def test_plan_stacks_groups_runs_that_can_step_together():
 
 def test_the_local_runner_trains_stacks_and_delivers_every_record(small, tmp_path):
     datasets = {("cifar10", 0): small}
-    runner = LocalRunner(stack=3, figures=False)
+    runner = LocalRunner(stack=2, figures=False)
     runner._load_datasets = lambda configs, **kwargs: datasets
     records = []
-    runner.run(CONFIGS, out=tmp_path, device="cpu", on_record=records.append)
-    assert sorted(r["id"] for r in records) == sorted(c.run_id for c in CONFIGS)
-    assert {r["stack"]["size"] for r in records} == {3}
+    configs = CONFIGS[:2] + (RunConfig(norm="bn", seed=3, **COMMON),)
+    runner.run(configs, out=tmp_path, device="cpu", on_record=records.append)
+    assert sorted(r["id"] for r in records) == sorted(c.run_id for c in configs)
+    # stacks of one norm: the two BatchNorm runs together, LayerNorm alone (an ordinary run)
+    assert {r["id"]: r.get("stack", {}).get("size") for r in records} == {
+        configs[0].run_id: 2, configs[2].run_id: 2, configs[1].run_id: None}
     with pytest.raises(ValueError, match="stack"):
         LocalRunner(stack=0)
 
@@ -239,10 +246,10 @@ def test_the_study_command_trains_a_grid_as_stacks(tmp_path, capsys, monkeypatch
                                          figures=False, progress=False, log=log)) for config in configs]
     monkeypatch.setattr(stack_lib, "train_stack", one_by_one)
     out = tmp_path / "grid"
-    code, _, err = call_main(study.main, ["batch", "--smoke", "--norms", "bn", "ln", "--batch-sizes", "512",
-                                          "--stack", "2", "--quiet", "--out", str(out)], capsys)
+    code, _, err = call_main(study.main, ["batch", "--smoke", "--norms", "bn", "--seeds", "0", "1", "--batch-sizes",
+                                          "512", "--stack", "2", "--quiet", "--out", str(out)], capsys)
     assert code == 0, err
-    assert stacks == [["bn-b512-e1-s0-synthetic", "ln-b512-e1-s0-synthetic"]]
+    assert stacks == [["bn-b512-e1-s0-synthetic", "bn-b512-e1-s1-synthetic"]]
     assert "2 of 2 runs finished" in (out / "results.md").read_text()
     code, _, err = call_main(study.main, ["batch", "--smoke", "--runner", "ray", "--stack", "2", "--out",
                                           str(out)], capsys)

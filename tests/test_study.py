@@ -104,7 +104,8 @@ def test_run_grid_runs_everything_then_skips_finished_runs(tmp_path, tiny_data, 
     assert [r["id"] for r in records] == [c.run_id for c in grid]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [c["cell"] for c in summary["cells"]] == ["bn-b64-e1-synthetic", "gn-g2-b64-e1-synthetic"]
-    assert summary["kind"] == "batch" and summary["finished"] == summary["planned"] == 4 and not summary["missing"]
+    assert summary["kind"] == "batch" and summary["runs"] == 4
+    assert summary["plan"]["finished"] == summary["plan"]["planned"] == 4 and not summary["plan"]["missing"]
     assert summary["cells"][0]["seeds"] == [0, 1]
     assert "| GN − BN |" in (tmp_path / "results.md").read_text()
     for name in ("test_error_vs_batch.png", "bn_vs_gn_curves.png"):
@@ -137,7 +138,7 @@ def test_an_interrupted_grid_keeps_its_summary_and_resumes(tmp_path, tiny_data, 
     assert (second / "checkpoint.pt").exists() and not (second / "record.json").exists()
     assert not third.exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["finished"] == 1 and summary["missing"] == [grid[1].run_id, grid[2].run_id]
+    assert summary["plan"]["finished"] == 1 and summary["plan"]["missing"] == [grid[1].run_id, grid[2].run_id]
 
     interrupt[0], lines = False, []
     trained.clear()
@@ -145,7 +146,7 @@ def test_an_interrupted_grid_keeps_its_summary_and_resumes(tmp_path, tiny_data, 
     assert trained == [grid[1].run_id, grid[2].run_id]  # the finished run is not trained again
     assert any(line.startswith(f"{grid[1].run_id}: ") and "resumed from" in line for line in lines)
     assert [len(r["history"]["test_acc"]) for r in records] == [2, 2, 2]
-    assert json.loads((tmp_path / "summary.json").read_text())["finished"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["plan"]["finished"] == 3
 
 
 def test_concurrent_runs_give_the_same_records_and_failures(tmp_path, tiny_data, monkeypatch):
@@ -240,11 +241,9 @@ def test_run_folders_travel_whole_and_finish_last(tmp_path, monkeypatch):
 def fake_record(norm, batch, seed, test_acc, *, groups=None, epochs=3):
     """A record as run_one writes it, with ``test_acc`` the per-epoch test accuracies."""
     config = RunConfig(norm=norm, groups=groups, batch_size=batch, seed=seed, epochs=epochs)
-    history = {"train_acc": [a + 5 for a in test_acc], "test_acc": list(test_acc),
-               "epoch_seconds": [1.0] * len(test_acc)}
-    return {"id": config.run_id, "config": config.to_dict(), "device": "cpu", "history": history,
-            "final": {"test_acc": test_acc[-1], "test_acc_last3_mean": sum(test_acc[-3:]) / 3,
-                      "seconds_per_epoch": 1.0}}
+    record = full_record(config)
+    history = {**record["history"], "train_acc": [a + 5 for a in test_acc], "test_acc": list(test_acc)}
+    return {**record, "history": history, "final": {**run_lib.summary_figures(history), "test_acc_tta_flip": 0.0}}
 
 
 def test_summary_means_and_spreads_over_seeds():
@@ -260,7 +259,8 @@ def test_summary_means_and_spreads_over_seeds():
     assert cell["test_error_last3_mean"]["mean"] == pytest.approx(100 - 214 / 3)
     assert cell["curves"]["test_error"]["mean"] == pytest.approx([50, 40, 28, 18])
     assert cell["curves"]["train_error"]["std"][-1] == pytest.approx(2)
-    assert summary["planned"] == 4 and summary["finished"] == 3 and summary["missing"] == ["bn-b32-e4-s3"]
+    assert summary["plan"] == {"run_ids": [c.run_id for c in grid], "planned": 4, "finished": 3,
+                               "missing": ["bn-b32-e4-s3"]}
 
 
 def batch_records():
@@ -462,7 +462,7 @@ def test_the_summary_counts_runs_another_command_finished(tmp_path):
             on_record(record)
     study.run_grid(grid, tmp_path, runner=OtherCommandFinishesOne(), progress=False)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["finished"] == 2 and "2 of 2 runs finished" in (tmp_path / "results.md").read_text()
+    assert summary["plan"]["finished"] == 2 and "2 of 2 runs finished" in (tmp_path / "results.md").read_text()
 
 
 def write_record(out, config):
@@ -511,7 +511,8 @@ def test_one_seed_has_no_spread_to_show():
     """Item 10: a one-seed table showed "85.02 ± 0.00 %" (results/fp16-check/results.md)."""
     from normstudy import report
     one, two = RunConfig("bn", epochs=1), RunConfig("bn", epochs=1, seed=1)
-    row = report.results_table(report.summarize([full_record(one)])).splitlines()[2]
+    row = report.results_table(report.summarize([full_record(one)])["cells"]).splitlines()[2]
     assert row.startswith("| BatchNorm | 512 | 48,736 | 1 | 50.00 % | 50.00 % | 50.00 % |") and "±" not in row
-    row = report.results_table(report.summarize([full_record(one), full_record(two, acc=60.0)])).splitlines()[2]
+    row = report.results_table(report.summarize([full_record(one), full_record(two, acc=60.0)])["cells"]
+                               ).splitlines()[2]
     assert row.startswith("| BatchNorm | 512 | 48,736 | 2 | 55.00 ± 7.07 % | 55.00 ± 7.07 % | 50.00 % |")

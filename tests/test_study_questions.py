@@ -12,6 +12,7 @@ from normstudy import plots
 from normstudy import run as run_lib
 from normstudy import study
 from normstudy import study_report
+from normstudy import summary as summary_lib
 from normstudy.config import RunConfig
 from conftest import call_main, fake_record, write_fake_record
 
@@ -95,13 +96,20 @@ def record(acc, epochs=3, **fields):
     return fake_record(RunConfig(epochs=epochs, **fields), acc)
 
 
+def write_folder(out, records, grid, *, kind, **kwargs):
+    """``records`` as finished runs in ``out``, then its summary by the one writer with ``grid``
+    as the plan."""
+    for r in records:
+        write_fake_record(out, RunConfig.from_dict(r["config"]), acc=r["final"]["test_acc"])
+    return summary_lib.write_summary(out, kind=kind, plan=[c.run_id for c in grid], **kwargs)
+
+
 def reference_folder(tmp_path):
     """A batch grid's folder (its summary) with plain BN, LN and GN at batches 2, 16 and 512."""
     records = [record(acc, norm=norm, batch_size=b, seed=s) for norm, acc in (("bn", 80.0), ("ln", 78.0), ("gn", 79.0))
                for b in (2, 16, 512) for s in (0, 1)]
-    (tmp_path / "batch-size").mkdir()
-    study.write_summary(tmp_path / "batch-size", study.batch_grid(batch_sizes=(2, 16, 512), seeds=(0, 1), epochs=3),
-                        records, kind="batch", figures=False)
+    write_folder(tmp_path / "batch-size", records, study.batch_grid(batch_sizes=(2, 16, 512), seeds=(0, 1), epochs=3),
+                 kind="batch", figures=False)
     return tmp_path / "batch-size"
 
 
@@ -119,11 +127,10 @@ def test_ghost_summary_table_and_figure_with_the_batch_grids_line(tmp_path, monk
     assert text.startswith("# BatchNorm: statistics or steps?") and "n: images per BatchNorm statistic" in text
     reference = reference_folder(tmp_path)
     out = tmp_path / "ghost"
-    out.mkdir()
-    study.write_summary(out, study.ghost_grid(norm_batches=(2, 16), seeds=(0, 1), epochs=3), records, kind="ghost",
-                        reference=reference)
+    write_folder(out, records, study.ghost_grid(norm_batches=(2, 16), seeds=(0, 1), epochs=3), kind="ghost",
+                 reference=reference)
     assert (out / "statistics_or_steps.png").stat().st_size > 0 and "8 of 8 runs finished" in (out / "results.md").read_text()
-    ax, = plots.error_vs_norm_batch(study.reference_cells(reference) + summary["cells"],
+    ax, = plots.error_vs_norm_batch(summary_lib.reference_cells(reference) + summary["cells"],
                                     arrangement=study_report.arrangement).axes
     assert [line.get_label() for line in ax.lines] == [
         "batch n: statistics and steps (the batch-size grid)",
@@ -131,11 +138,11 @@ def test_ghost_summary_table_and_figure_with_the_batch_grids_line(tmp_path, monk
         "statistics over n, optimizer batch 8n (Wu & He's 8 GPUs)"]
     assert list(ax.lines[0].get_xdata()) == [2, 16, 512] and list(ax.lines[2].get_xdata()) == [2, 16]
     assert ax.get_xscale() == "log"
-    assert study.reference_cells(tmp_path / "nowhere") == []  # no batch grid: two lines, no error
+    assert summary_lib.reference_cells(tmp_path / "nowhere") == []  # no batch grid: two lines, no error
     figures = []
     monkeypatch.setattr(plots, "error_vs_norm_batch", lambda cells, **kwargs: figures.append(cells) or plt.figure())
     other_epochs = [record(70.0, epochs=2, norm="bn", norm_batch=2, batch_size=512)]
-    study.write_figures(out, study_report.summarize_grid(other_epochs, kind="ghost"), reference=reference)
+    summary_lib.write_figures(out, study_report.summarize_grid(other_epochs, kind="ghost"), reference=reference)
     assert [c["cell"] for c in figures[0]] == ["bn-ghost2-b512-e2"]  # the batch grid's 3-epoch runs left out
 
 
@@ -155,7 +162,7 @@ def test_order_table_and_figure_show_both_orders(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == ["batch 512", "batch 16"]
     assert [line.get_label() for line in fig.axes[0].lines] == [
         "GN, Conv→ReLU→Norm", "BN, Conv→ReLU→Norm", "GN, Conv→Norm→ReLU", "BN, Conv→Norm→ReLU"]
-    study.write_figures(tmp_path, summary)
+    summary_lib.write_figures(tmp_path, summary)
     assert (tmp_path / "order_vs_groups.png").is_file()
 
 
@@ -168,9 +175,9 @@ def test_remedies_table_keeps_each_remedy_apart_and_the_figure_adds_the_plain_no
         "| LN + WS | 23.00 | 23.00 |", "| GN (G=2) + WS | 23.00 | 23.00 |"]  # no "GN − BN" between remedies
     reference = reference_folder(tmp_path)
     (tmp_path / "remedies").mkdir()
-    study.write_figures(tmp_path / "remedies", summary, reference=reference)
+    summary_lib.write_figures(tmp_path / "remedies", summary, reference=reference)
     assert (tmp_path / "remedies" / "test_error_vs_batch.png").is_file()
-    plain = [c for c in study.reference_cells(reference) if c["batch_size"] in (2, 512)]
+    plain = [c for c in summary_lib.reference_cells(reference) if c["batch_size"] in (2, 512)]
     ax, = plots.error_vs_batch(plain + summary["cells"]).axes
     assert [(line.get_label(), line.get_linestyle()) for line in ax.lines] == [
         ("BN", "-"), ("BN + Batch Renorm", "--"), ("LN", "-"), ("LN + WS", "--"), ("GN (G=2)", "-"),
@@ -186,8 +193,7 @@ def test_summarize_redraws_a_question_grids_folder(tmp_path, capsys):
     grid = study.order_grid(groups=(2,), batch_sizes=(512,), seeds=(0,), epochs=3)
     for config in grid:
         write_fake_record(out, config)
-    study.write_summary(out, grid, [json.loads((out / c.run_id / "record.json").read_text()) for c in grid],
-                        kind="order", figures=False)
+    summary_lib.write_summary(out, kind="order", plan=[c.run_id for c in grid], figures=False)
     code, _, err = call_main(command.main, ["summarize", str(out)], capsys)
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["kind"] == "order"
@@ -206,3 +212,53 @@ def test_the_ghost_grid_trains_through_the_command(tmp_path, capsys, monkeypatch
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"bn-ghost16-b64-e1-s0-synthetic",
                                                              "bn-ghost16-b128-e1-s0-synthetic"}
     assert (out / "statistics_or_steps.png").is_file() and "| statistics over n, batch 64 |" in text
+
+
+# --- one schema, one writer: choices in a folder of another kind ---------------------------------
+
+def test_a_choice_never_takes_a_plain_cells_place_in_a_grids_tables_and_figures(tmp_path, capsys, monkeypatch):
+    # A GN + WS run (and a Conv -> Norm -> ReLU one) trained into the groups grid's folder: same
+    # setting, same norm, groups and batch as a grid cell; each keeps its own place.
+    out = tmp_path / "groups"
+    grid = study.groups_grid(groups=(2, 4), batch_sizes=(512,), seeds=(0,), epochs=3)
+    write_folder(out, [record(80.0, norm=c.norm, groups=c.groups, batch_size=512) for c in grid], grid,
+                 kind="groups", figures=False)
+    for config in (RunConfig(norm="gn", groups=2, ws=True, batch_size=512, epochs=3),
+                   RunConfig(norm="gn", groups=2, order="norm-relu", batch_size=512, epochs=3)):
+        write_fake_record(out, config, acc=60.0)
+    drawn = []
+    real = plots.accuracy_vs_groups
+    monkeypatch.setattr(plots, "accuracy_vs_groups", lambda cells, **kwargs: drawn.append(cells) or real(cells, **kwargs))
+    code, _, err = call_main(command.main, ["summarize", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "groups" and summary["runs"] == 5
+    by_cell = {c["cell"]: c for c in summary["cells"]}
+    assert by_cell["gn-g2-ws-b512-e3"]["ws"] is True and by_cell["gn-g2-ws-b512-e3"]["variant"] == "GN (G=2) + WS"
+    assert by_cell["gn-g2-normrelu-b512-e3"]["order"] == "norm-relu"
+    assert not {"order", "norm_batch", "renorm", "ws"} & set(by_cell["gn-g2-b512-e3"])  # absent at the defaults
+    text = (out / "results.md").read_text()
+    table, rest = text.split("Runs this layout has no place for:")
+    assert "| 512 | 20.00 | 20.00 | 20.00 |" in table and "40.00" not in table  # the grid's cells, in their places
+    assert "GroupNorm (2 groups) + WS" in rest and "GroupNorm (2 groups), Conv→Norm→ReLU" in rest
+    assert {c["cell"] for c in drawn[-1]} == {c.cell for c in grid}  # the figure: the grid's cells only
+
+
+def test_the_study_summary_of_a_ghost_folder_is_the_one_schema(tmp_path, capsys):
+    out = tmp_path / "ghost"
+    grid = study.ghost_grid(norm_batches=(2,), batch_sizes=(512,), seeds=(0,), epochs=3)
+    for config in grid:
+        write_fake_record(out, config, acc=70.0)
+    code, _, err = call_main(study.main, ["ghost", "--norm-batches", "2", "--seeds", "0", "--epochs", "3",
+                                          "--summary-only", "--quiet", "--reference", str(tmp_path / "none"),
+                                          "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schema"] == 2 and summary["kind"] == "ghost" and summary["plan"]["planned"] == 2
+    assert [c["norm_batch"] for c in summary["cells"]] == [2, 2]
+    assert (out / "statistics_or_steps.png").is_file()
+    # train.py into it keeps the ghost grid's kind, tables and figure (the one writer)
+    code, _, err = call_main(study.main, ["batch", "--norms", "bn", "--batch-sizes", "512", "--seeds", "0",
+                                          "--epochs", "3", "--summary-only", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["kind"] == "ghost"

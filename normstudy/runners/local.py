@@ -13,8 +13,10 @@ dropout is 0.) How well runs overlap on a GPU is a matter of tuning, not of this
 
 With ``stack`` (an int, or ``"auto"``), runs that share a batch size and schedule train as stacks
 of up to that many runs, each stack one model (:mod:`normstudy.stack`); ``concurrency`` then
-counts stacks at once. ``"auto"`` stacks on CUDA only (:func:`stack.auto_size`); 1 is one run at a
-time, as before stacks existed.
+counts stacks at once. Stacks hold runs of one norm (faster than mixed ones). ``"auto"`` stacks on
+CUDA only, and only groups of at least ``stack.AUTO_MIN_RUNS`` runs of one norm (smaller stacks
+lose to single runs on streams; :func:`stack.auto_size`); 1 is one run at a time, as before stacks
+existed.
 
 Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``
 does: its last complete epoch is in its checkpoint. With threads, the running runs stop at the
@@ -144,12 +146,14 @@ class LocalRunner:
         if self.stack == 1:
             return [[config] for config in configs]
         from .. import stack as stack_lib
-        size = self.stack
+        size, least = self.stack, 1
         if size == "auto":
+            least = stack_lib.AUTO_MIN_RUNS
+
             def size(config):
                 return stack_lib.auto_size(config, device=device,
                                            train_images=datasets[self._data_key(config)]["train_images"])
-        return stack_lib.plan_stacks(configs, size)
+        return stack_lib.plan_stacks(configs, size, min_size=least)
 
     def _run_unit(self, unit, *, out, datasets, device, runtime, epoch_hook=None):
         """Train ``unit`` (a list of configs: one run, or a stack); ``[(config, record or
