@@ -19,11 +19,12 @@ One module per concern, each importing only from the ones listed before it:
     run         run_one(config, out) -> record: the one unit of work
     stack       many runs, one model: train_stack trains runs of one batch size as one network
     report      the one summary schema of a folder of runs, its reader and per-cell table, pure functions
-    study_report the study's tables of a summary (Wu & He's Tables 2 and 3), pure functions
+    study_report the study's tables of a summary (Wu & He's Tables 2 and 3; issue 20's questions), pure functions
     summary     the one writer of a folder's summary.json, results.md and figures
     cli         the command line of train.py, and the options it shares with the study
     runners     who executes a list of runs: LocalRunner (this process, threads), a Ray runner
-    study       the study's grids (batch size, groups), run_grid, `python -m normstudy.study`
+    study       the study's grids (batch size, groups; issue 20's ghost, order, remedies), run_grid,
+                `python -m normstudy.study`
     command     the `normstudy` command (train, study, summarize), `python -m normstudy`
 
 Start with :func:`normstudy.run.run_one` and :class:`normstudy.config.RunConfig`.

@@ -18,8 +18,9 @@ PROG = "normstudy"
 EXIT_BAD_INPUT = 2  # as train.py's and the study's
 SUMMARIZE = f"""\
 Rewrite OUT's summary from every finished run in it (OUT/<run id>/record.json), training nothing.
-A study grid's folder (its summary.json names the grid, batch or groups) keeps the grid's tables,
-figures and plan (what is missing); any other folder gets train.py's table and comparison.png.
+A study grid's folder (its summary.json names the grid: batch, groups, ghost, order or remedies)
+keeps the grid's tables, figures and plan (what is missing); any other folder gets train.py's
+table and comparison.png.
 Broken records are skipped and named. Example: {PROG} summarize results/groups"""
 
 

@@ -4,6 +4,11 @@ Its :attr:`~RunConfig.run_id` (for example ``gn-g4-b32-e20-s0``) names the run's
 different configurations never share one; :meth:`~RunConfig.to_dict` / :meth:`~RunConfig.from_dict`
 round-trip it through JSON (records, checkpoints, workers on other machines). How a run is
 executed (device, mixed precision, kernels) is not part of it: see :mod:`normstudy.runtime`.
+
+Four choices of issue 20 change the network itself (:data:`CHOICES`): the block ``order``, a
+normalization batch ``norm_batch`` for BatchNorm (ghost batches), Batch Renormalization
+(``renorm``) and Weight Standardization (``ws``). At their defaults they are left out of the id and
+of :meth:`~RunConfig.to_dict`, so the runs, records and folders made before them are unchanged.
 """
 import dataclasses
 import re
@@ -16,6 +21,10 @@ NORM_NAMES = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
 DATASETS = ("cifar10", "synthetic")  # synthetic: small fake data in CIFAR-10's format, for smoke runs
 # Fields of the config that are recipe keys; every other recipe key is an override.
 _FIELD_KEYS = {"batch_size": "batch_size", "epochs": "epochs", "groups": "gn_groups"}
+# Block orders: the seed's Conv -> ReLU -> Norm, and Conv -> Norm -> ReLU (Wu & He's ResNet).
+ORDERS = ("relu-norm", "norm-relu")
+# The network choices of issue 20 and their defaults (the seed's network); see RunConfig.
+CHOICES = {"order": "relu-norm", "norm_batch": None, "renorm": False, "ws": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +36,18 @@ class RunConfig:
     none); ``overrides`` holds any other recipe values (``recipe.SETTINGS``) that differ from the
     norm's defaults; ``holdout`` scores the run on that many held-out training images instead of
     the test set (0: the test set).
+
+    The network choices (:data:`CHOICES`; the fused Triton kernels implement none of them, so a
+    run with one takes PyTorch's modules, see ``models.kernel_gaps``):
+    ``order`` of each block, ``"relu-norm"`` (the seed's Conv -> ReLU -> Norm) or ``"norm-relu"``
+    (Conv -> Norm -> ReLU); ``norm_batch`` n, BatchNorm only: training statistics over groups of n
+    images of each batch (ghost batches; the optimizer still steps on the whole batch, evaluation
+    uses the running statistics), n must divide the batch size (n equal to the batch is plain
+    BatchNorm and is stored as ``None``; an epoch's last, smaller batch is cut into groups of n
+    and its remainder normalized as one smaller group, see ``models.GhostBatchNorm2d``);
+    ``renorm``, BatchNorm only: Batch Renormalization (Ioffe 2017) with the schedule of
+    ``models.RENORM``; ``ws``: Weight Standardization (Qiao et al. 2019) of the convolutions a
+    norm follows.
     """
     norm: str  # one of NORMS
     seed: int = 0
@@ -36,6 +57,10 @@ class RunConfig:
     overrides: tuple[tuple[str, object], ...] = ()  # ((recipe key, value), ...), sorted once built
     data: str = "cifar10"  # one of DATASETS
     holdout: int = 0
+    order: str = "relu-norm"  # one of ORDERS
+    norm_batch: int | None = None  # BatchNorm's normalization batch n (ghost batches); None: the whole batch
+    renorm: bool = False  # Batch Renormalization (BatchNorm only)
+    ws: bool = False  # Weight Standardization of the convolutions a norm follows
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -67,6 +92,38 @@ class RunConfig:
         checked = {key: recipe_lib.check_setting(key, value) for key, value in overrides.items()}
         object.__setattr__(self, "overrides", tuple(sorted(
             (key, value) for key, value in checked.items() if value != defaults[key])))
+        self._check_choices()
+
+    def _check_choices(self):
+        """Refuse (one line) network choices that are not one of :data:`CHOICES`' values or do not
+        apply to the norm; store a normalization batch equal to the batch as ``None`` (plain BN)."""
+        if self.order not in ORDERS:
+            raise ValueError(f"order={self.order!r}: choose relu-norm (the seed's Conv -> ReLU -> Norm) "
+                             "or norm-relu (Conv -> Norm -> ReLU)")
+        for name in ("renorm", "ws"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
+        if self.renorm and self.norm != "bn":
+            raise ValueError(f"renorm (Batch Renormalization) applies to BatchNorm only, not to {self.norm}")
+        n = self.norm_batch
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"norm_batch={n!r} must be a whole number >= 1 (images per BatchNorm statistic)")
+        if self.norm != "bn":
+            raise ValueError(f"norm_batch (ghost batches) applies to BatchNorm only, not to {self.norm}")
+        if self.batch_size % n:
+            raise ValueError(f"norm_batch={n} must divide the batch size {self.batch_size}")
+        if self.renorm:
+            raise ValueError("norm_batch and renorm do not combine: choose ghost batches or Batch Renormalization")
+        if n == self.batch_size:
+            object.__setattr__(self, "norm_batch", None)  # statistics over the whole batch: plain BatchNorm
+
+    @property
+    def choices(self):
+        """The network choices that differ from the seed's network (:data:`CHOICES`), e.g.
+        ``{"order": "norm-relu"}``; ``{}`` for the seed's."""
+        return {name: getattr(self, name) for name, default in CHOICES.items() if getattr(self, name) != default}
 
     @property
     def recipe(self):
@@ -89,6 +146,9 @@ class RunConfig:
 
     def _name(self, *, seed):
         parts = [self.norm] + ([f"g{self.groups}"] if self.norm == "gn" else [])
+        # The network choices, only where they differ from the seed's: normrelu, ws, renorm, ghost16
+        parts += (["normrelu"] if self.order == "norm-relu" else []) + (["ws"] if self.ws else [])
+        parts += (["renorm"] if self.renorm else []) + ([f"ghost{self.norm_batch}"] if self.norm_batch else [])
         parts += [f"b{self.batch_size}", f"e{self.epochs}"] + ([f"s{self.seed}"] if seed else [])
         # cutout8, flipoff; lr_per_32_0.02 (a key ending in a digit is kept apart from its value)
         parts += [f"{key}{'_' if key[-1].isdigit() else ''}{_id_value(value)}" for key, value in self.overrides]
@@ -100,15 +160,22 @@ class RunConfig:
 
     @property
     def label(self):
-        """A human name for tables and legends, e.g. ``GroupNorm (4 groups)``."""
+        """A human name for tables and legends, e.g. ``GroupNorm (4 groups)`` or ``BatchNorm,
+        statistics over 16 images``."""
         if self.norm == "gn":
-            return f"GroupNorm ({self.groups} group{'s' if self.groups > 1 else ''})"
-        return {"bn": "BatchNorm", "ln": "LayerNorm (GN, 1 group)"}[self.norm]
+            name = f"GroupNorm ({self.groups} group{'s' if self.groups > 1 else ''})"
+        else:
+            name = {"bn": "BatchNorm", "ln": "LayerNorm (GN, 1 group)"}[self.norm]
+        return name + "".join(choice_words(self.choices))
 
     def to_dict(self):
-        """Plain JSON-able data; :meth:`from_dict` gives back an equal config."""
+        """Plain JSON-able data; :meth:`from_dict` gives back an equal config. The network choices
+        appear only where they differ from the seed's (so earlier records read the same)."""
         out = dataclasses.asdict(self)
         out["overrides"] = dict(self.overrides)
+        for name, default in CHOICES.items():
+            if out[name] == default:
+                del out[name]
         return out
 
     @classmethod
@@ -123,8 +190,17 @@ class RunConfig:
 
     def differences(self, other):
         """``["field: mine vs theirs", ...]`` for every field where ``other`` differs."""
-        mine, theirs = self.to_dict(), other.to_dict()
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
         return [f"{key}: {theirs[key]!r} vs {mine[key]!r}" for key in mine if mine[key] != theirs[key]]
+
+
+def choice_words(choices):
+    """Words for the network choices ``choices`` (:attr:`RunConfig.choices`), each starting with
+    ", " or " + ", e.g. ``[" + Batch Renorm"]``: what labels and legends append to a norm's name."""
+    words = {"order": lambda v: ", Conv→Norm→ReLU" if v == "norm-relu" else ", Conv→ReLU→Norm",
+             "norm_batch": lambda v: f", statistics over {v} images",
+             "renorm": lambda v: " + Batch Renorm", "ws": lambda v: " + WS"}
+    return [words[name](value) for name, value in choices.items() if value != CHOICES[name]]
 
 
 def _id_value(value):

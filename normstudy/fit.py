@@ -49,6 +49,24 @@ def prepare_model(model, device, runtime):
     return model.to(device, memory_format=torch.channels_last if runtime["channels_last"] else torch.contiguous_format)
 
 
+def kernels_for_choices(model, runtime, norm):
+    """``runtime`` for ``model``'s network choices: without the Triton kernels where they do not
+    implement one (:func:`models.kernel_gaps`: the Conv -> Norm -> ReLU order, ghost batches,
+    Batch Renorm), with them where only the first layer's convolution is Weight-Standardized (it
+    then runs as PyTorch's); one line says so, once per process."""
+    if not runtime["triton_kernels"]:
+        return runtime
+    gaps = models.kernel_gaps(model)
+    if gaps:
+        runtime_lib.say_once(f"normstudy: the Triton kernels do not implement {' or '.join(gaps)}; "
+                             "using PyTorch's modules")
+        return runtime_lib.without_kernels(runtime, norm)
+    if models.standardizes_weights(model):
+        runtime_lib.say_once("normstudy: Weight Standardization: the first convolution runs on PyTorch's modules "
+                             "(its Triton kernel does not standardize); the fused ReLU + norm kernels stay")
+    return runtime
+
+
 def compile_kernels(model, device, runtime, *, image_shape):
     """With the Triton kernels: compile them all now, in parallel, rather than one by one during
     the first epoch, then check them (:func:`fast.self_check.compile_and_check`). Return the
@@ -157,6 +175,7 @@ def prepare(model, dataset, *, recipe, device, seed, runtime=None, norm=None, on
     on_stage = on_stage or (lambda name: None)
     device = torch.device(device)
     runtime = resolve_runtime(device, norm or getattr(model, "norm", None), runtime)
+    runtime = kernels_for_choices(model, runtime, norm or getattr(model, "norm", None))
     seed_everything(seed)
     torch.backends.cudnn.benchmark = runtime["cudnn_benchmark"]
     prepare_model(model, device, runtime)

@@ -10,6 +10,7 @@ import torch
 
 from . import data as data_lib
 from . import loop
+from .config import CHOICES
 
 # pyplot keeps process-wide state and is not thread-safe: runs that train in threads of one process
 # (the study's concurrent runs, a Ray worker's) draw their figures one at a time under this lock.
@@ -132,13 +133,14 @@ def error_vs_batch(cells, *, metric="test_error_last3_mean", title="Test error v
     import matplotlib.pyplot as plt  # imported on first use: it adds ~0.5 s to every start-up
     fig, ax = plt.subplots(figsize=(8, 5))
     variants = {}
-    for cell in sorted(cells, key=lambda c: (_variant_key(c), c["batch_size"])):
+    for cell in sorted(cells, key=lambda c: (_variant_key(c), any(key in c for key in CHOICES), c["batch_size"])):
         variants.setdefault(cell["variant"], []).append(cell)
     for name, row in variants.items():
         xs = [c["batch_size"] for c in row]
         means = [c[metric]["mean"] for c in row]
         stds = [c[metric]["std"] for c in row]
-        line, = ax.plot(xs, means, marker="o", label=name)
+        remedy = any(key in row[0] for key in CHOICES)  # a norm with a network choice: dashed
+        line, = ax.plot(xs, means, marker="o", label=name, linestyle="--" if remedy else "-")
         ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
     _log2_batch_axis(ax, sorted({c["batch_size"] for c in cells}), "batch size (images per step)")
@@ -209,5 +211,84 @@ def bn_vs_gn_curves(cells, *, batch_size=None, title=None):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or f"BatchNorm vs GroupNorm at batch size {batch_size}")
+    fig.tight_layout()
+    return fig
+
+
+def _line_with_spread(ax, xs, row, metric, **style):
+    """One line of means with ±1 standard deviation shaded; returns the line."""
+    means = [c[metric]["mean"] for c in row]
+    stds = [c[metric]["std"] for c in row]
+    line, = ax.plot(xs, means, marker="o", **style)
+    ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                    color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
+GHOST_CURVES = {"grid": "batch n: statistics and steps (the batch-size grid)",
+                "statistics": "statistics over n, optimizer batch {batch} (statistics only)",
+                "gpus": "statistics over n, optimizer batch 8n (Wu & He's 8 GPUs)"}
+
+
+def error_vs_norm_batch(cells, *, arrangement, metric="test_error_last3_mean",
+                        title="BatchNorm: statistics or steps?"):
+    """BatchNorm's test error against n, the images each statistic comes from (log2 axis), one
+    line per arrangement (``arrangement(cell)``: "grid", "gpus", "statistics", or None to leave
+    the cell out): plain BN at batch n, statistics over n at a fixed optimizer batch, and
+    statistics over n at batch 8n; shaded ±1 standard deviation over seeds."""
+    import matplotlib.pyplot as plt  # imported on first use: it adds ~0.5 s to every start-up
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lines = {}
+    for cell in cells:
+        kind = arrangement(cell)
+        if kind is not None:
+            key = (kind, cell["batch_size"] if kind == "statistics" else None)
+            lines.setdefault(key, []).append(cell)
+    order = {"grid": 0, "statistics": 1, "gpus": 2}
+    for (kind, batch), row in sorted(lines.items(), key=lambda item: (order[item[0][0]], item[0][1] or 0)):
+        row = sorted(row, key=lambda c: c.get("norm_batch") or c["batch_size"])
+        xs = [c.get("norm_batch") or c["batch_size"] for c in row]
+        _line_with_spread(ax, xs, row, metric, label=GHOST_CURVES[kind].format(batch=batch),
+                          linestyle="-" if kind == "grid" else "--")
+    ns = sorted({c.get("norm_batch") or c["batch_size"] for row in lines.values() for c in row})
+    _log2_batch_axis(ax, ns or [1], "n: images per BatchNorm statistic")
+    ax.set_ylabel("test error (%)" if "error" in metric else "test accuracy (%)")
+    ax.set_title(title)
+    if lines:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+ORDER_NAMES = {"relu-norm": "Conv→ReLU→Norm", "norm-relu": "Conv→Norm→ReLU"}
+
+
+def error_vs_groups_by_order(cells, *, metric="test_error_last3_mean", title="Block order: test error vs groups"):
+    """The block-order question: one panel per batch size (largest first), GroupNorm's test error
+    against its number of groups G (log2 axis) in each block order (solid: the seed's Conv ->
+    ReLU -> Norm; dashed: Conv -> Norm -> ReLU), ±1 standard deviation shaded, and BatchNorm in
+    each order as a horizontal line of its colour."""
+    import matplotlib.pyplot as plt  # imported on first use: it adds ~0.5 s to every start-up
+    batches = sorted({c["batch_size"] for c in cells}, reverse=True) or [None]
+    fig, axs = plt.subplots(1, len(batches), figsize=(7 * len(batches), 5), squeeze=False)
+    groups = sorted({c["groups"] for c in cells if c["norm"] == "gn"}) or [1]
+    for ax, batch in zip(axs.flat, batches):
+        for order, name in ORDER_NAMES.items():
+            style = {"linestyle": "-" if order == "relu-norm" else "--"}
+            mine = [c for c in cells if c["batch_size"] == batch and c.get("order", "relu-norm") == order]
+            gn = sorted((c for c in mine if c["norm"] == "gn"), key=lambda c: c["groups"])
+            color = None
+            if gn:
+                color = _line_with_spread(ax, [c["groups"] for c in gn], gn, metric, label=f"GN, {name}",
+                                          **style).get_color()
+            for cell in (c for c in mine if c["norm"] == "bn"):
+                ax.axhline(cell[metric]["mean"], label=f"BN, {name}", **style, **({"color": color} if color else {}))
+        _log2_batch_axis(ax, groups, "groups G (channels per group = 32 / G)")
+        ax.set_xticklabels([f"{g}\n({32 // g} ch)" for g in groups])
+        ax.set_ylabel("test error (%)" if "error" in metric else "test accuracy (%)")
+        ax.set_title(f"batch {batch}")
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

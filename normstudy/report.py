@@ -2,26 +2,32 @@
 
 Runs that differ only by their seed form a *cell* (``RunConfig.cell``); a summary gives each
 cell's figures per seed with their mean and spread. Runs whose configurations differ in anything
-else (recipe, batch, groups, epochs, data) are never averaged together. Every finished run of a
+else (recipe, batch, groups, network choices, epochs, data) are never averaged together. Every finished run of a
 folder is read here (:func:`load_records`, through :func:`run.read_record`), and every
 ``summary.json`` has the schema of :func:`summarize`, whichever command wrote it:
 
     schema    2
-    kind      "batch" or "groups": the study grid the folder holds (its tables and figures), or null
+    kind      the study grid the folder holds (its tables and figures): "batch", "groups", or one of
+              issue 20's "ghost", "order", "remedies"; or null
     metric    the figure the grid tables report ("test_error_last3_mean")
     runs      how many finished runs the folder holds: every one of them is in ``cells``
-    cells     one per cell (:func:`summarize_cell`), ordered by norm, groups, batch size
+    cells     one per cell (:func:`summarize_cell`), ordered by norm, groups, choices, batch size
     plan      what the last grid command planned (``run_ids``, ``planned``, ``finished``,
               ``missing``), beside the whole, never instead of it; null when none did
     skipped   ``"path: why"`` for each run folder whose record is broken (not summarized)
 
 A cell whose runs collapsed to chance (``run.collapsed``) is marked in the tables.
+
+A cell of runs with network choices (issue 20, ``RunConfig.choices``: block order, ghost batches,
+Batch Renorm, WS) carries them as keys beside ``norm`` and ``groups`` (``"norm_batch": 16``; absent
+at their defaults, the seed's network, so summaries written before them read the same), and its
+``variant`` and ``label`` say them (``BN + Batch Renorm``): a choice is part of the cell's variant.
 """
 import json
 import statistics
 from pathlib import Path
 
-from .config import NORMS, RunConfig
+from .config import CHOICES, NORMS, RunConfig, choice_words
 from .run import CHANCE, COLLAPSE_MARGIN, FINAL, RunFolderError, collapsed, is_collapsed, read_record
 
 SCHEMA = 2
@@ -76,14 +82,22 @@ def _curve(lists):
     return {"mean": [m for m, _ in pairs], "std": [s for _, s in pairs]}
 
 
-def variant_name(norm, groups):
-    """Short row name: ``BN``, ``LN`` or ``GN (G=4)``."""
-    return {"bn": "BN", "ln": "LN"}.get(norm) or f"GN (G={groups})"
+def variant_name(norm, groups, choices=None):
+    """Short row name: ``BN``, ``LN`` or ``GN (G=4)``; with network choices (``RunConfig.choices``)
+    e.g. ``BN + Batch Renorm``, ``GN (G=2) + WS`` or ``BN, statistics over 16 images``."""
+    return ({"bn": "BN", "ln": "LN"}.get(norm) or f"GN (G={groups})") + "".join(choice_words(choices or {}))
+
+
+def cell_choices(cell):
+    """A summary cell's network choices (``RunConfig.choices``: only those that differ from the
+    seed's network; ``{}`` for the seed's, and for every cell of a summary written before them)."""
+    return {name: cell[name] for name in CHOICES if name in cell and cell[name] != CHOICES[name]}
 
 
 def summarize_cell(records):
     """The summary of one cell's records (same ``RunConfig.cell``, one per seed): the config's
-    fields, per seed the run ids, devices and whether it collapsed, ``{"values", "mean", "std"}``
+    fields (the network choices only where they differ from the seed's), per seed the run ids,
+    devices and whether it collapsed, ``{"values", "mean", "std"}``
     for every final figure (:data:`run.FINAL`) and the test error (100 minus the accuracy), and
     the per-epoch :data:`CURVES`."""
     runs = sorted(((RunConfig.from_dict(r["config"]), r) for r in records), key=lambda run: run[0].seed)
@@ -95,8 +109,10 @@ def summarize_cell(records):
     figures["test_error_last3_mean"] = [100.0 - a for a in figures["test_acc_last3_mean"]]
     histories = [r["history"] for _, r in runs]
     return {
-        "cell": config.cell, "variant": variant_name(config.norm, config.groups), "label": config.label,
-        "norm": config.norm, "groups": config.groups, "batch_size": config.batch_size, "epochs": config.epochs,
+        "cell": config.cell, "variant": variant_name(config.norm, config.groups, config.choices),
+        "label": config.label, "norm": config.norm, "groups": config.groups,
+        **config.choices,  # the network choices: only those that differ from the seed's network
+        "batch_size": config.batch_size, "epochs": config.epochs,
         "data": config.data, "overrides": dict(config.overrides), "holdout": config.holdout,
         "seeds": [c.seed for c, _ in runs], "run_ids": [c.run_id for c, _ in runs],
         "devices": sorted({r["device"] for _, r in runs}), "params": first["params"], "recipe": first["recipe"],
@@ -108,7 +124,8 @@ def summarize_cell(records):
 
 
 def _cell_order(cell):
-    return NORMS.index(cell["norm"]), cell["groups"] or 0, cell["batch_size"], cell["cell"]
+    """Table order: norm, groups, the seed's network before one with choices, batch size."""
+    return NORMS.index(cell["norm"]), cell["groups"] or 0, cell_choices(cell) != {}, cell["batch_size"], cell["cell"]
 
 
 def summarize(records, *, kind=None, plan=None, skipped=()):

@@ -253,7 +253,8 @@ def _train(config, run_dir, *, options, dataset, data_dir, download, restart, fi
     dataset = dataset if dataset is not None else load_data(config, data_dir=data_dir, download=download)
     recipe = config.recipe
     with DEVICE_LOCK.work():  # seeding touches the CUDA generator: never during another run's recording
-        model = models.fresh_model(config.norm, recipe, train_images=dataset["train_images"], seed=config.seed)
+        model = models.fresh_model(config.norm, recipe, train_images=dataset["train_images"], seed=config.seed,
+                                   choices=config.choices)
     # The runtime the run had (fit may switch the Triton kernels off): this run's, even while
     # runs in other threads switch them off for the process.
     used = {}

@@ -63,9 +63,12 @@ AUTO_MIN_RUNS = 27
 
 
 def stack_key(config):
-    """Runs with equal keys can share a stack (see :data:`SHARED`)."""
+    """Runs with equal keys can share a stack (see :data:`SHARED`). A run with network choices
+    (``RunConfig.choices``: block order, ghost batches, Batch Renorm, WS), which stacks do not
+    implement, has a key of its own: it trains alone."""
     recipe = config.recipe
-    return (config.data, config.holdout) + tuple(recipe[key] for key in SHARED)
+    alone = (config.run_id,) if config.choices else ()
+    return (config.data, config.holdout) + tuple(recipe[key] for key in SHARED) + alone
 
 
 def norm_spec(config):
@@ -307,6 +310,9 @@ def train_stack(configs, out, *, dataset, device, runtime=None, resume=True, res
     keys = {stack_key(config) for config in configs}
     if len(keys) > 1:
         raise ValueError("a stack's runs must share " + ", ".join(SHARED) + " and the data")
+    if any(config.choices for config in configs):  # the stack would build the seed's network instead
+        raise ValueError("a stack trains the seed's network only: runs with network choices (order, norm_batch, "
+                         "renorm, ws) train alone")
     device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
     outcomes, said = {}, []  # lines said while setting up wait until then (log may stop the runner)
     with contextlib.ExitStack() as held:

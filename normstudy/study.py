@@ -4,7 +4,15 @@ its number of groups (after Wu & He, *Group Normalization*, 2018, Tables 2 and 3
     python -m normstudy.study batch                 # BN, LN, GN x batch 2..512 x seeds 0 1 2: 81 runs
     python -m normstudy.study groups                # GN with G = 1..32 and BN, at batch 512, 16 and 4: 63 runs
     python -m normstudy.study batch --smoke         # a minute on a CPU: synthetic data, 1 epoch, seed 0, batch 256 and 512
+    python -m normstudy.study ghost                 # BN, statistics over n = 2..32: at batch 512, and at 8n: 30 runs
+    python -m normstudy.study order                 # both block orders, GN G = 1..32 and BN, batch 512 and 16: 84 runs
+    python -m normstudy.study remedies              # BN + Batch Renorm, LN + WS, GN + WS, batch 2..512: 81 runs
     python -m normstudy.study batch --out results/batch-size --concurrency 4
+
+Issue 20's questions are grids too: :func:`ghost_grid` (statistics or steps?), :func:`order_grid`
+(block order) and :func:`remedies_grid` (Batch Renorm, Weight Standardization). The figures of
+``ghost`` and ``remedies`` add the batch grid's own lines from its folder (``--reference``,
+default ``results/batch-size``) when it has a summary.
 
 A grid is a list of :class:`RunConfig` (:func:`batch_grid`, :func:`groups_grid`);
 :func:`run_grid` runs the unfinished ones through a runner (:mod:`normstudy.runners`) into
@@ -16,6 +24,7 @@ Bad input ends with one line on stderr and exit 2; failed (e.g. diverged) runs w
 the others are done; Ctrl-C or SIGTERM with exit 130 or 143, finished runs and checkpoints kept.
 """
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,7 +38,7 @@ from . import run as run_lib
 from . import report
 from . import study_report
 from . import summary as summary_lib
-from .config import NORMS, RunConfig
+from .config import NORMS, ORDERS, RunConfig
 from .runners import RUNNERS, RunsFailed, make_runner
 
 BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -37,17 +46,26 @@ GROUP_COUNTS = (1, 2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)
 EPOCHS = 20
 GROUPS_BATCH_SIZES = (512, 16, 4)  # the groups grid: the recipe's batch and two small ones
-SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1}
+NORM_BATCHES = (2, 4, 8, 16, 32)  # the ghost grid: images per BatchNorm statistic
+GHOST_BATCH_SIZES = (512,)  # the ghost grid's optimizer batch for "statistics only"
+GPUS = 8  # the ghost grid's other arrangement: optimizer batch GPUS * n (Wu & He's 8 GPUs of n images)
+# The order grid: the recipe's batch and one small one, 16, the groups grid's: the seed's order's runs at
+# both are already in results/groups (copy their folders into the order grid's to skip them).
+ORDER_BATCH_SIZES = (512, 16)
+REFERENCE = summary_lib.REFERENCE  # the batch grid whose lines the ghost and remedies figures add
+SMOKE = {"batch_sizes": (256, 512), "groups_batch_sizes": (512, 256), "seeds": (0,), "epochs": 1,
+         "norm_batches": (32, 64)}
 PROG = "python -m normstudy.study"
 DESCRIPTION = ("Train one of the study's grids: every norm at every batch size (Wu & He, Group Normalization, "
                "2018, Table 2) or GroupNorm at each number of groups, with BatchNorm (Table 3).")
 EPILOG = """\
 Each run writes OUT/<run id>/ as train.py's do. OUT/summary.json and OUT/results.md cover every
 finished run in OUT (the grid's plan and what it misses beside them) and are rewritten as each run
-finishes; the figures (batch: test_error_vs_batch.png,
-bn_vs_gn_curves.png; groups: accuracy_vs_groups.png) when the grid ends or stops. Run the same
-command again to continue a stopped grid: finished runs are skipped, interrupted ones resume from
-their checkpoints."""
+finishes; the figures (batch: test_error_vs_batch.png, bn_vs_gn_curves.png; groups:
+accuracy_vs_groups.png; ghost: statistics_or_steps.png; order: order_vs_groups.png; remedies:
+test_error_vs_batch.png) when the grid ends or stops. Run the same command again to continue a
+stopped grid: finished runs are skipped, interrupted ones resume from their checkpoints."""
+GRIDS = tuple(summary_lib.FIGURES)  # batch, groups; issue 20's ghost, order, remedies
 
 
 def _distinct(values):
@@ -58,7 +76,8 @@ def _order(configs):
     """Seed by seed, largest batch first: a stopped grid has whole rows for its first seeds, and the
     quick large-batch runs come before the slow small-batch ones."""
     norms = {norm: k for k, norm in enumerate(NORMS)}
-    return sorted(configs, key=lambda c: (c.seed, -c.batch_size, norms[c.norm], c.groups or 0))
+    return sorted(configs, key=lambda c: (c.seed, -c.batch_size, norms[c.norm], c.groups or 0, ORDERS.index(c.order),
+                                          c.norm_batch or 0, c.renorm, c.ws))
 
 
 def batch_grid(norms=NORMS, batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, gn_groups=None,
@@ -89,8 +108,47 @@ def groups_grid(groups=GROUP_COUNTS, batch_sizes=GROUPS_BATCH_SIZES, seeds=SEEDS
     return _order(configs)
 
 
+def ghost_grid(norm_batches=NORM_BATCHES, batch_sizes=GHOST_BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *,
+               data="cifar10", gpus=True):
+    """Statistics or steps? (issue 20, part 1): BatchNorm with statistics over n images (ghost
+    batches, ``RunConfig.norm_batch``) at each optimizer batch of ``batch_sizes`` (statistics only;
+    the steps stay those of batch 512), and with ``gpus`` at batch 8n (Wu & He's arrangement: n
+    images on each of 8 GPUs): (5 + 5) x 3 = 30 runs by default. The grid's third curve, plain BN
+    at batch n (statistics and steps both), is the batch grid's. n must divide each batch; n equal
+    to the batch is plain BN (that run is the batch grid's)."""
+    configs = [RunConfig(norm="bn", norm_batch=n, seed=seed, batch_size=batch, epochs=epochs, data=data)
+               for n in _distinct(norm_batches) for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    if gpus:
+        configs += [RunConfig(norm="bn", norm_batch=n, seed=seed, batch_size=GPUS * n, epochs=epochs, data=data)
+                    for n in _distinct(norm_batches) for seed in _distinct(seeds)]
+    return _order(dict.fromkeys(configs))
+
+
+def order_grid(groups=GROUP_COUNTS, batch_sizes=ORDER_BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, data="cifar10",
+               bn=True):
+    """Block order (issue 20, part 2): GroupNorm with each number of groups (G=1 is LayerNorm, G=32
+    InstanceNorm) and BatchNorm, in each block order, Conv -> ReLU -> Norm (the seed's) and
+    Conv -> Norm -> ReLU (Wu & He's), at each batch size and seed: (6 + 1) x 2 x 2 x 3 = 84 runs by
+    default, half of them (the seed's order) the groups grid's runs at batch 512 and 16."""
+    plain = groups_grid(groups=groups, batch_sizes=batch_sizes, seeds=seeds, epochs=epochs, data=data, bn=bn)
+    return _order(plain + [dataclasses.replace(config, order="norm-relu") for config in plain])
+
+
+def remedies_grid(batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, gn_groups=None, data="cifar10"):
+    """The remedies Wu & He compare against (issue 20, part 3), each at every batch size and seed:
+    BatchNorm with Batch Renormalization (schedule: ``models.RENORM``), and LayerNorm and
+    GroupNorm with Weight Standardization: 3 x 9 x 3 = 81 runs by default. The plain norms' lines
+    are the batch grid's."""
+    configs = [RunConfig(norm="bn", renorm=True, seed=seed, batch_size=batch, epochs=epochs, data=data)
+               for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    configs += [RunConfig(norm=norm, ws=True, seed=seed, batch_size=batch, epochs=epochs, data=data,
+                          groups=gn_groups if norm == "gn" else None)
+                for norm in ("ln", "gn") for batch in _distinct(batch_sizes) for seed in _distinct(seeds)]
+    return _order(configs)
+
+
 def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, device="auto", runtime=None,
-             progress=True, kind=None, restart=False):
+             progress=True, kind=None, restart=False, reference=None):
     """Run every unfinished config of ``configs`` into ``out`` and return all their records (in
     the order of ``configs``; unfinished ones missing).
 
@@ -99,17 +157,18 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
     ``restart`` starting over (their checkpoints deleted). The folder's summary
     (:func:`summary.write_summary`: ``summary.json`` and ``results.md`` after every finished run,
     the figures too at the end) covers every finished run in ``out``, the grid's and any other
-    command's, with the grid (``kind``: ``"batch"`` or ``"groups"``, inferred from ``configs`` when
+    command's, with the grid (``kind``: one of :data:`GRIDS`, inferred from ``configs`` when
     ``None``) as its plan: of two commands, the one that writes last writes the whole truth.
     ``progress``: a bar over the whole grid (runs done of all, ETA) and a line per finished run;
     nothing with ``False``. An interruption (Ctrl-C) or :class:`runners.RunsFailed` goes on to the
-    caller once the summary is written.
+    caller once the summary is written. ``reference``: the batch grid's folder for the ghost and
+    remedies figures (:func:`summary.write_figures`).
     """
     configs = list(dict.fromkeys(configs))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report.load_summary(out)  # an unreadable summary is refused now, not after the training
-    kind = kind or study_report.infer_kind([{"norm": c.norm, "groups": c.groups} for c in configs])
+    kind = kind or study_report.infer_kind([{"norm": c.norm, "groups": c.groups, **c.choices} for c in configs])
     plan = [config.run_id for config in configs]
     runner = runner if runner is not None else make_runner("local")
     records = {}
@@ -124,7 +183,7 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
 
     def on_record(record):
         records[record["id"]] = record
-        summary_lib.write_summary(out, kind=kind, plan=plan, figures=False)
+        summary_lib.write_summary(out, kind=kind, plan=plan, figures=False, reference=reference)
         if progress:
             final = record["final"]
             bar.write(f"{record['id']}: test acc {final['test_acc']:.2f} % (last 3 epochs "
@@ -138,7 +197,7 @@ def run_grid(configs, out, *, runner=None, data_dir="./data", download=True, dev
                        on_record=on_record)
     finally:
         bar.close()
-        summary_lib.write_summary(out, kind=kind, plan=plan, figures=True)
+        summary_lib.write_summary(out, kind=kind, plan=plan, figures=True, reference=reference)
     return [records[c.run_id] for c in configs if c.run_id in records]
 
 
@@ -165,14 +224,23 @@ def _progress_bar(*, total, done, enabled):
 def parse_args(argv=None, *, prog=PROG):
     p = cli._Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=cli._width_100,
                     parents=[cli.shared_parser()])
-    p.add_argument("grid", choices=("batch", "groups"),
-                   help="batch: every norm at every batch size; groups: GroupNorm's number of groups, and BN")
+    p.add_argument("grid", choices=GRIDS,
+                   help="batch: every norm at every batch size; groups: GroupNorm's number of groups, and BN; "
+                        "ghost: BN's statistics over n images (ghost batches) at batch 512 and at 8n; order: both "
+                        "block orders for GN (G = 1..32) and BN; remedies: BN + Batch Renorm, LN and GN + WS "
+                        "at every batch size")
     p.add_argument("--batch-sizes", nargs="+", type=cli._positive_int, metavar="B",
                    help=f"default: {' '.join(map(str, BATCH_SIZES))} (batch), "
                         f"{' '.join(map(str, GROUPS_BATCH_SIZES))} (groups)")
     p.add_argument("--groups", nargs="+", type=cli._positive_int, metavar="G",
                    help=f"groups grid: the group counts, divisors of 32 (default: {' '.join(map(str, GROUP_COUNTS))}); "
                         "batch grid: GroupNorm's one group count (default: the recipe's, 2)")
+    p.add_argument("--norm-batches", nargs="+", type=cli._positive_int, metavar="N",
+                   help=f"ghost grid: images per BatchNorm statistic (default: {' '.join(map(str, NORM_BATCHES))}); "
+                        f"--batch-sizes is then its statistics-only optimizer batch (default: 512)")
+    p.add_argument("--reference", metavar="DIR",
+                   help=f"ghost and remedies grids: the batch grid's folder, whose lines their figure adds "
+                        f"(default: {REFERENCE}, if it has a summary)")
     p.add_argument("--runner", choices=RUNNERS, default="local", help="local (this process; default) or ray")
     p.add_argument("--concurrency", type=cli._positive_int,
                    help="runs at once: with the local runner, threads of this process, a CUDA stream each "
@@ -199,6 +267,12 @@ def configs_from_args(args):
     seeds = args.seeds or (SMOKE["seeds"] if args.smoke else SEEDS)
     epochs = args.epochs or (SMOKE["epochs"] if args.smoke else EPOCHS)
     data = "synthetic" if args.smoke else "cifar10"
+    if args.norm_batches is not None and args.grid != "ghost":
+        raise ValueError("--norm-batches applies to the ghost grid only")
+    if args.reference is not None and args.grid not in ("ghost", "remedies"):
+        raise ValueError("--reference applies to the ghost and remedies grids only")
+    if args.grid in ("ghost", "order", "remedies"):
+        return _question_configs(args, seeds=seeds, epochs=epochs, data=data)
     if args.grid == "batch":
         if args.groups is not None and len(args.groups) != 1:
             raise ValueError("--groups: the batch grid takes one group count (GroupNorm's), "
@@ -213,6 +287,25 @@ def configs_from_args(args):
     return groups_grid(groups=args.groups or GROUP_COUNTS,
                        batch_sizes=args.batch_sizes or (SMOKE["groups_batch_sizes"] if args.smoke else GROUPS_BATCH_SIZES),
                        seeds=seeds, epochs=epochs, data=data)
+
+
+def _question_configs(args, *, seeds, epochs, data):
+    """The grid of one of issue 20's questions (ghost, order, remedies) that the arguments ask for."""
+    if args.norms is not None:
+        raise ValueError(f"--norms applies to the batch grid only (the {args.grid} grid has its own norms)")
+    if args.grid == "ghost":
+        if args.groups is not None:
+            raise ValueError("--groups applies to GroupNorm only: the ghost grid is BatchNorm")
+        return ghost_grid(norm_batches=args.norm_batches or (SMOKE["norm_batches"] if args.smoke else NORM_BATCHES),
+                          batch_sizes=args.batch_sizes or GHOST_BATCH_SIZES, seeds=seeds, epochs=epochs, data=data)
+    if args.grid == "order":
+        return order_grid(groups=args.groups or GROUP_COUNTS,
+                          batch_sizes=args.batch_sizes or (SMOKE["groups_batch_sizes"] if args.smoke else ORDER_BATCH_SIZES),
+                          seeds=seeds, epochs=epochs, data=data)
+    if args.groups is not None and len(args.groups) != 1:
+        raise ValueError(f"--groups: the remedies grid takes one group count (GroupNorm's), got {len(args.groups)}")
+    return remedies_grid(batch_sizes=args.batch_sizes or (SMOKE["batch_sizes"] if args.smoke else BATCH_SIZES),
+                         seeds=seeds, epochs=epochs, gn_groups=args.groups[0] if args.groups else None, data=data)
 
 
 def main(argv=None, *, prog=PROG):
@@ -244,7 +337,7 @@ def _study(args, out, *, prog=PROG):
     try:
         run_grid(configs, out, runner=runner, data_dir=args.data_dir, download=not args.no_download,
                  device=args.device, runtime=args.runtime, progress=not args.quiet, kind=args.grid,
-                 restart=args.restart)
+                 restart=args.restart, reference=args.reference)
     except RunsFailed as err:
         print(f"{prog}: {err}; {_after_failures(err, configs, out)}", file=sys.stderr)
         return cli.EXIT_DIVERGED
@@ -262,7 +355,8 @@ def _summary_only(args, configs, out):
         make_runner("local", address=args.address)  # refuses what the local runner does not take
     for config in configs:  # a broken record, or another configuration's, in the grid's place
         run_lib.finished_record(out / config.run_id, config)
-    text = summary_lib.write_summary(out, kind=args.grid, plan=[c.run_id for c in configs]) if out.is_dir() else None
+    text = (summary_lib.write_summary(out, kind=args.grid, plan=[c.run_id for c in configs], reference=args.reference)
+            if out.is_dir() else None)
     if text is None:
         if not args.quiet:
             print(f"no finished runs of this grid in {out} (0 of {len(configs)}): nothing to summarize")
