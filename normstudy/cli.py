@@ -19,7 +19,7 @@ from . import report
 from . import run as run_lib
 from . import runtime as runtime_lib
 from . import summary as summary_lib
-from .config import NORMS, RunConfig
+from .config import NORMS, ORDERS, RunConfig
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = stopping.EXIT_INTERRUPTED, stopping.EXIT_TERMINATED
@@ -135,6 +135,16 @@ def parse_args(argv=None, *, prog="train.py"):
     p.add_argument("--holdout", type=_positive_int, metavar="N",
                    help="evaluate on N held-out training images instead of the test set (recipe search)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    network = p.add_argument_group("the network's choices (issue 20; README: The study, part two)")
+    network.add_argument("--order", choices=ORDERS, default=ORDERS[0],
+                         help="each block's order: relu-norm (the seed's Conv -> ReLU -> Norm; default) or "
+                              "norm-relu (Conv -> Norm -> ReLU, as in Wu & He's ResNet)")
+    network.add_argument("--norm-batch", type=_positive_int, metavar="N",
+                         help="BatchNorm only: statistics over groups of N images of each batch (ghost batches); "
+                              "N divides --batch-size")
+    network.add_argument("--renorm", action="store_true", help="BatchNorm only: Batch Renormalization (Ioffe 2017)")
+    network.add_argument("--ws", action="store_true",
+                         help="Weight Standardization of the convolutions a norm follows (Qiao et al. 2019)")
     return p.parse_args(argv)
 
 
@@ -143,11 +153,15 @@ def configs_from_args(args):
     norms = norms_from(args)
     if args.groups is not None and "gn" not in norms:
         raise ValueError(f"--groups applies to GroupNorm only (--norm gn or all), not to --norm {' '.join(norms)}")
+    for flag, asked in (("--norm-batch", args.norm_batch is not None), ("--renorm", args.renorm)):
+        if asked and norms != ("bn",):
+            raise ValueError(f"{flag} applies to BatchNorm only (--norm bn), not to --norm {' '.join(norms)}")
     epochs = args.epochs if args.epochs is not None else (1 if args.smoke else None)
     seeds = list(dict.fromkeys(args.seeds or [0]))
     return [RunConfig(norm=norm, seed=seed, batch_size=args.batch_size, epochs=epochs,
                       groups=args.groups if norm == "gn" else None, overrides=tuple(args.set),
-                      data="synthetic" if args.smoke else "cifar10", holdout=args.holdout or 0)
+                      data="synthetic" if args.smoke else "cifar10", holdout=args.holdout or 0,
+                      order=args.order, norm_batch=args.norm_batch, renorm=args.renorm, ws=args.ws)
             for norm in norms for seed in seeds]
 
 

@@ -109,10 +109,28 @@ def test_real_process_prints_one_line_not_a_traceback(tmp_path):
     (["--set", "learning_rate=1"], r"expected KEY=VALUE with KEY one of"),
     (["--resume", "--restart", "--smoke"], r"--resume and --restart exclude each other"),
     (["--runtime", "turbo"], r"argument --runtime: invalid choice: 'turbo'"),
+    (["--order", "relu-relu"], r"argument --order: invalid choice: 'relu-relu'"),
+    (["--norm", "gn", "--renorm"], r"--renorm applies to BatchNorm only \(--norm bn\), not to --norm gn"),
+    (["--norm-batch", "16"], r"--norm-batch applies to BatchNorm only \(--norm bn\), not to --norm bn ln gn"),
+    (["--norm", "bn", "--norm-batch", "3"], r"norm_batch=3 must divide the batch size 512"),
+    (["--norm", "bn", "--norm-batch", "16", "--renorm"], r"norm_batch and renorm do not combine"),
 ])
 def test_bad_arguments(argv, pattern, tmp_path, capsys):
     code, _, err = run(argv + ["--out", str(tmp_path)], capsys)
     assert_one_line_error(code, err, 2, pattern)
+
+
+def test_the_network_choices_reach_the_runs(tmp_path, capsys):
+    """Issue 20's choices as train.py flags: the runs (and their folders) are the configs the study
+    plans for them (RunConfig's ids)."""
+    from normstudy import cli
+    args = cli.parse_args(["--norm", "bn", "ln", "--ws", "--order", "norm-relu", "--smoke"])
+    assert [c.run_id for c in cli.configs_from_args(args)] == [
+        "bn-normrelu-ws-b512-e1-s0-synthetic", "ln-normrelu-ws-b512-e1-s0-synthetic"]
+    args = cli.parse_args(["--norm", "bn", "--norm-batch", "16", "--seed", "1"])
+    assert [c.run_id for c in cli.configs_from_args(args)] == ["bn-ghost16-b512-e20-s1"]
+    args = cli.parse_args(["--norm", "bn", "--renorm"])
+    assert cli.configs_from_args(args) == [RunConfig(norm="bn", renorm=True)]
 
 
 def test_group_count_not_dividing_channels(tmp_path, capsys):
