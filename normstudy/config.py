@@ -114,10 +114,10 @@ class RunConfig:
             raise ValueError(f"norm_batch (ghost batches) applies to BatchNorm only, not to {self.norm}")
         if self.batch_size % n:
             raise ValueError(f"norm_batch={n} must divide the batch size {self.batch_size}")
-        if self.renorm:
-            raise ValueError("norm_batch and renorm do not combine: choose ghost batches or Batch Renormalization")
         if n == self.batch_size:
             object.__setattr__(self, "norm_batch", None)  # statistics over the whole batch: plain BatchNorm
+        elif self.renorm:
+            raise ValueError("norm_batch and renorm do not combine: choose ghost batches or Batch Renormalization")
 
     @property
     def choices(self):

@@ -52,8 +52,8 @@ def prepare_model(model, device, runtime):
 def kernels_for_choices(model, runtime, norm):
     """``runtime`` for ``model``'s network choices: without the Triton kernels where they do not
     implement one (:func:`models.kernel_gaps`: the Conv -> Norm -> ReLU order, ghost batches,
-    Batch Renorm), with them where only the first layer's convolution is Weight-Standardized (it
-    then runs as PyTorch's); one line says so, once per process."""
+    Batch Renorm; one line says so, once per process). Weight Standardization keeps them: it never
+    touches the first layer, the one convolution they compute."""
     if not runtime["triton_kernels"]:
         return runtime
     gaps = models.kernel_gaps(model)
@@ -61,9 +61,6 @@ def kernels_for_choices(model, runtime, norm):
         runtime_lib.say_once(f"normstudy: the Triton kernels do not implement {' or '.join(gaps)}; "
                              "using PyTorch's modules")
         return runtime_lib.without_kernels(runtime, norm)
-    if models.standardizes_weights(model):
-        runtime_lib.say_once("normstudy: Weight Standardization: the first convolution runs on PyTorch's modules "
-                             "(its Triton kernel does not standardize); the fused ReLU + norm kernels stay")
     return runtime
 
 

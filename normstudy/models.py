@@ -17,9 +17,14 @@ The network choices of issue 20 (``RunConfig``'s ``order``, ``norm_batch``, ``re
 the parameter names are the same in both orders); ``norm_batch`` n makes BatchNorm a
 :class:`GhostBatchNorm2d` (statistics over groups of n images); ``renorm`` a
 :class:`BatchRenorm2d` (Batch Renormalization, schedule :data:`RENORM`); ``ws`` makes every 3x3
-convolution (each is followed by a norm) a :class:`WSConv2d`. The fused Triton kernels implement
-none of the first three (:func:`kernel_gaps`: such a model takes PyTorch's modules), and their
-first-layer convolution does not standardize (a ``WSConv2d`` always runs as PyTorch's).
+convolution after the first (each is followed by a norm) a :class:`WSConv2d`: the first keeps its
+whitening initialization, which standardizing would undo. The fused Triton kernels implement none
+of the first three (:func:`kernel_gaps`: such a model takes PyTorch's modules); with ``ws`` they
+all stay (the first layer's Triton convolution, on its plain weight, too).
+
+With ``order="norm-relu"`` a block with a skip connection is He et al.'s ResNet block (as in Wu &
+He): ``relu(x + norm(conv(x)))``, the ReLU after the sum; the seed's order adds after its norm,
+``x + norm(relu(conv(x)))``.
 
 The forward pass returns raw logits; pair it with ``nn.CrossEntropyLoss``.
 
@@ -357,7 +362,10 @@ class ConvBlock(nn.Sequential):
         if not (self.fused and self.fusable):
             conv, relu, norm, dropout = self
             x = conv(x)
-            out = dropout(relu(norm(x)) if self.norm_first else norm(relu(x)))
+            if self.norm_first:  # He et al.'s (and Wu & He's) ResNet block: the sum, then the ReLU
+                out = dropout(norm(x))
+                return relu(out if residual is None else residual + out)
+            out = dropout(norm(relu(x)))
             return out if residual is None else residual + out
         from .fast import kernels  # imports Triton: only when asked for
         conv, _, norm, dropout = self
@@ -394,12 +402,6 @@ def kernel_gaps(model):
     return list(dict.fromkeys(gaps))
 
 
-def standardizes_weights(model):
-    """Whether ``model`` has Weight-Standardized convolutions (the first layer's then runs on
-    PyTorch's modules, not the Triton convolution)."""
-    return any(isinstance(module, WSConv2d) for module in model.modules())
-
-
 def use_triton_kernels(model, enabled=True):
     """Switch ``model``'s blocks and poolings to the Triton kernels of :mod:`normstudy.fast.kernels`
     (fused ReLU + norm with the residual add, 2x2 max-pool, the first 3-channel conv) or back."""
@@ -431,7 +433,9 @@ class CifarNet(nn.Module):
         block = dict(norm=norm, groups=groups, dropout=dropout, bn_momentum=bn_momentum, stack=self.stack,
                      order=order, norm_batch=norm_batch, ws=ws,
                      renorm=RenormSchedule(steps_per_epoch) if renorm else None)
-        self.c1 = ConvBlock(3, 32, **block)
+        # The first convolution is never standardized: its whitening initialization (recipe) would
+        # not survive WS, which removes each filter's mean, the luminance filter's almost all of it.
+        self.c1 = ConvBlock(3, 32, **{**block, "ws": False})
         self.c2 = ConvBlock(32, 32, **block)
         self.c3 = nn.Conv2d(32 * k, 16 * k, kernel_size=1, bias=False, groups=k)
         self.pool1 = MaxPool2d(2)

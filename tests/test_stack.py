@@ -198,6 +198,23 @@ def test_a_diverged_run_fails_alone_and_the_others_finish(small, tmp_path, monke
         assert outcomes[config]["stack"]["size"] == 3 and len(outcomes[config]["history"]["test_acc"]) == 2
 
 
+def test_a_stop_while_a_run_finishes_is_no_failure_of_that_run(small, tmp_path, monkeypatch):
+    """A runner's stop (runners.units.Stopped, raised from a log line at an epoch boundary) that
+    comes while a stacked run finishes, e.g. from the line a collapsed run ends with, goes through
+    train_stack: it is not recorded as that run's failure (review: it was, and the grid exited 3)."""
+    from normstudy.runners.units import Stopped
+    finish = run_lib.finish_run
+
+    def finish_then_stop(*args, **kwargs):
+        finish(*args, **kwargs)
+        raise Stopped
+    monkeypatch.setattr(run_lib, "finish_run", finish_then_stop)
+    configs = [RunConfig(norm="bn", seed=seed, batch_size=10, epochs=1) for seed in (0, 1)]
+    with pytest.raises(Stopped):
+        stack_lib.train_stack(configs, tmp_path, dataset=small, device="cpu", figures=False, log=lambda line: None)
+    assert run_lib.read_record(tmp_path / configs[0].run_id) is not None  # finished, and kept as such
+
+
 def test_plan_stacks_groups_runs_that_can_step_together():
     runs = [RunConfig(norm=norm, seed=seed, batch_size=batch, epochs=2)
             for batch in (8, 4) for norm in ("gn", "bn", "ln") for seed in (0, 1, 2)]

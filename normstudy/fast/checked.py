@@ -7,13 +7,16 @@ results, so repeating it each run only costs start-up: 0.84 s of a 4.7 s start o
 (benchmarks/NOTES.md), and the fp32 kernels it needs another ~0.4 s to load.
 
 A pass is remembered as an empty file named by a hash of everything that decides what the kernels
-compute: the kernels' source, the versions of torch, Triton and CUDA and the driver, the GPU, the
-autocast dtype and which norm layers the model has (their kinds and group counts). The files live
+compute: the kernels' source and that of the model's own modules (where a block chooses between
+them and PyTorch's), the versions of torch, Triton and CUDA and the driver, the GPU, the autocast
+dtype, the model's modules in order (their classes, so that a Weight-Standardized convolution is
+not a plain one, and whether each block is fusable) and its norm layers (kinds and group counts). The files live
 in Triton's own cache folder (``TRITON_CACHE_DIR``, else ``~/.triton/cache``): emptying that cache,
 as a new machine has it, brings the self-check back with the compilations.
 """
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +41,19 @@ def _norms(model):
     return kinds
 
 
+def _modules(model):
+    """The model's modules in order as the kernels meet them: class, and where a block has the
+    choice, whether it is fusable; and the source files those classes are defined in."""
+    kinds, files = [], {}
+    for module in model.modules():
+        cls = type(module)
+        kinds.append(f"{cls.__module__}.{cls.__qualname__}:{getattr(module, 'fusable', '')}")
+        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        if path and not cls.__module__.startswith("torch."):
+            files[path] = True
+    return kinds, [Path(path).read_bytes() for path in sorted(files)]
+
+
 def key(model, *, device, dtype):
     """The hash naming ``model``'s kernels under autocast ``dtype`` on ``device``; None off CUDA
     (Triton's CPU interpreter, the tests: the check is cheap there and always runs)."""
@@ -47,8 +63,10 @@ def key(model, *, device, dtype):
     from . import kernels
     props = torch.cuda.get_device_properties(device)
     driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: None)()
-    parts = [Path(kernels.__file__).read_bytes(), torch.__version__, triton.__version__, torch.version.cuda,
-             driver, props.name, f"{props.major}.{props.minor}", str(dtype), *_norms(model)]
+    kinds, sources = _modules(model)
+    parts = [Path(kernels.__file__).read_bytes(), *sources, torch.__version__, triton.__version__,
+             torch.version.cuda, driver, props.name, f"{props.major}.{props.minor}", str(dtype), *kinds,
+             *_norms(model)]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part if isinstance(part, bytes) else repr(part).encode())

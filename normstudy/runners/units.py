@@ -21,9 +21,12 @@ import torch
 from .. import run as run_lib
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """Raised by a runner's ``epoch_hook`` at an epoch boundary once it is told to stop: it goes
-    through :func:`run_unit` (it is no failure of the run)."""
+    through :func:`run_unit` (it is no failure of the run). A ``BaseException``, as
+    ``KeyboardInterrupt`` is: the handlers that turn a run's errors into its failure (``except
+    Exception``, in :mod:`normstudy.stack` too) must not catch it, or a run finished just before
+    the stop would be reported as failed."""
 
 
 def data_key(config):
