@@ -196,6 +196,28 @@ def test_writing_a_run_that_came_back_removes_a_killed_drivers_temporary_files(t
     assert record == {"id": "x"} and sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "record.json"]
 
 
+def test_a_result_for_a_folder_another_command_holds_fails_that_run_not_the_grid(tmp_path):
+    # Review: a run folder locked by another command (it took the run after this driver claimed it)
+    # made _deliver raise RunFolderBusy, which ended the whole grid and lost the other results.
+    busy, free = GRID[0].run_id, GRID[1].run_id
+    (tmp_path / busy).mkdir()
+    finished, failures, delivered = set(), {}, []
+    results = [{"id": busy, "files": {"record.json": b'{"id": "busy"}'}},
+               {"id": free, "files": {"record.json": b'{"id": "free"}'}}]
+    lock = subprocess.Popen([sys.executable, "-c", "import sys, time; from normstudy import run; "
+                             "cm = run.folder_lock(sys.argv[1]); cm.__enter__(); print('held', flush=True); "
+                             "time.sleep(60)", str(tmp_path / busy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert lock.stdout.readline().strip() == "held"
+        ray_runner.RayRunner._deliver(results, out=tmp_path, finished=finished, failures=failures,
+                                      on_record=delivered.append)
+    finally:
+        lock.kill()
+        lock.wait()
+    assert delivered == [{"id": "free"}] and finished == {free}
+    assert "holds its folder" in failures[busy] and not (tmp_path / busy / "record.json").exists()
+
+
 def test_a_missing_dataset_is_raised_before_any_run_and_a_failed_run_is_named(ray_cluster, tmp_path):
     runner = ray_runner.RayRunner(log=lambda line: None)
     config = RunConfig(norm="bn", epochs=1)  # CIFAR-10, which the workers will not find

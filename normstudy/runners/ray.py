@@ -354,7 +354,12 @@ class RayRunner:
             if "failed" in result:
                 failures[result["id"]] = result["failed"]
                 continue
-            record = _write_run(out / result["id"], result["files"])
+            try:
+                record = _write_run(out / result["id"], result["files"])
+            except run_lib.RunFolderBusy as err:  # another command took the run meanwhile: its result stands
+                failures[result["id"]] = (f"trained, but {err.holder} holds its folder (another command training "
+                                          "it): left to that one, this result not written")
+                continue
             finished.add(result["id"])
             on_record(record)
 
