@@ -11,8 +11,9 @@ What stays each run's own: its seed's initialization (the model is built alone, 
 included, then copied into its slice), its data order and augmentation (its own loader and
 generator, exactly the draws it makes alone), its loss (the stack's loss is the sum of the runs'
 losses, so each run gets exactly its own gradient) with its own label smoothing, its optimizer
-state and weight decay, its norm (runs of any norms and group counts share a stack: each norm
-layer normalizes each run's channels as that run's own norm would). What the runs of a stack
+state and weight decay, its norm (runs of any norms and group counts can share a stack: each
+norm layer normalizes each run's channels as that run's own norm would; :func:`plan_stacks` gives
+each norm its own stack, which measured faster, and mixes them only when asked). What the runs of a stack
 share (:data:`SHARED`): the batch size, the schedule and the optimizer's momentum, the dropout
 and the data. Under fp16 they also share one loss scale (an overflow in one run skips the step
 for all).
