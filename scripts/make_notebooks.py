@@ -134,7 +134,10 @@ def study_cells():
             "# Parameters\n"
             "SMOKE = bool(os.environ.get('CI'))  # a tiny grid on synthetic data instead of the committed results\n"
             "BATCH_RESULTS = 'results/batch-size'  # python -m normstudy.study batch --out results/batch-size\n"
-            "GROUPS_RESULTS = 'results/groups'  # python -m normstudy.study groups --out results/groups",
+            "GROUPS_RESULTS = 'results/groups'  # python -m normstudy.study groups --out results/groups\n"
+            "GHOST_RESULTS = 'results/ghost'  # part two (issue 20): normstudy study ghost --out results/ghost\n"
+            "ORDER_RESULTS = 'results/order'  # normstudy study order --out results/order\n"
+            "REMEDIES_RESULTS = 'results/remedies'  # normstudy study remedies --out results/remedies",
             metadata={"tags": ["parameters"]}),
         new_code_cell(
             "from IPython.display import Markdown, display\n\n"
@@ -172,6 +175,32 @@ def study_cells():
             "if groups:\n"
             "    display(Markdown(study_report.groups_table(groups)))\n"
             "    plots.accuracy_vs_groups(groups['cells'])"),
+        new_markdown_cell(
+            "## Part two: why BatchNorm fails at small batches, and what fixes it\n\n"
+            "Three more grids (README, *The study, part two*), each with its table and its figure as the "
+            "package draws it into the grid's folder; a grid not yet run says how to run it.\n\n"
+            "- **Statistics or steps?** BatchNorm with its statistics over n images while the optimizer steps "
+            "on batch 512, and with the optimizer at 8n (Wu & He's 8 GPUs of n images), beside the batch "
+            "grid's BN (statistics and steps both at n).\n"
+            "- **Block order:** every norm in the seed's Conv → ReLU → Norm and in ResNet's Conv → Norm → "
+            "ReLU, at batch 512 and 16.\n"
+            "- **Remedies:** BN + Batch Renormalization, LN and GN + Weight Standardization, at every batch "
+            "size, dashed beside the batch grid's norms."),
+        new_code_cell(
+            "from IPython.display import Image\n\n"
+            "QUESTIONS = (('ghost', GHOST_RESULTS, study_report.ghost_table, 'statistics_or_steps.png'),\n"
+            "             ('order', ORDER_RESULTS, study_report.order_table, 'order_vs_groups.png'),\n"
+            "             ('remedies', REMEDIES_RESULTS, study_report.batch_table, 'test_error_vs_batch.png'))\n"
+            "for kind, folder, table, figure in QUESTIONS:\n"
+            "    summary = study_report.load_summary(folder)\n"
+            "    display(Markdown(f'### {kind}'))\n"
+            "    if not summary or not summary['cells']:\n"
+            "        print(f'{folder}: not run yet; make it with: normstudy study {kind} --out {folder}')\n"
+            "        continue\n"
+            "    print(f'{folder}: ' + study_report.status_line(summary))\n"
+            "    display(Markdown(table(summary)))\n"
+            "    if os.path.exists(f'{folder}/{figure}'):\n"
+            "        display(Image(filename=f'{folder}/{figure}'))"),
     ]
 
 
