@@ -30,28 +30,23 @@ def _cache_dir():
     return Path(root) / FOLDER
 
 
-def _norms(model):
-    """The model's norm layers as the kernels see them: kind and group count, in order."""
-    kinds = []
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            kinds.append(f"bn{module.num_features}")
-        elif isinstance(module, nn.GroupNorm):
-            kinds.append(f"gn{module.num_groups}/{module.num_channels}")
-    return kinds
-
-
 def _modules(model):
-    """The model's modules in order as the kernels meet them: class, and where a block has the
-    choice, whether it is fusable; and the source files those classes are defined in."""
-    kinds, files = [], {}
+    """The model's modules in order as the kernels meet them, one line each: class; where a block
+    has the choice, whether it is fusable; for a norm layer, its channels and groups. And the source
+    files those classes are defined in (torch's own left out)."""
+    lines, files = [], {}
     for module in model.modules():
         cls = type(module)
-        kinds.append(f"{cls.__module__}.{cls.__qualname__}:{getattr(module, 'fusable', '')}")
+        line = f"{cls.__module__}.{cls.__qualname__}:{getattr(module, 'fusable', '')}"
+        if isinstance(module, nn.BatchNorm2d):
+            line += f":bn{module.num_features}"
+        elif isinstance(module, nn.GroupNorm):
+            line += f":gn{module.num_groups}/{module.num_channels}"
+        lines.append(line)
         path = getattr(sys.modules.get(cls.__module__), "__file__", None)
         if path and not cls.__module__.startswith("torch."):
             files[path] = True
-    return kinds, [Path(path).read_bytes() for path in sorted(files)]
+    return lines, [Path(path).read_bytes() for path in sorted(files)]
 
 
 def key(model, *, device, dtype):
@@ -65,8 +60,7 @@ def key(model, *, device, dtype):
     driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: None)()
     kinds, sources = _modules(model)
     parts = [Path(kernels.__file__).read_bytes(), *sources, torch.__version__, triton.__version__,
-             torch.version.cuda, driver, props.name, f"{props.major}.{props.minor}", str(dtype), *kinds,
-             *_norms(model)]
+             torch.version.cuda, driver, props.name, f"{props.major}.{props.minor}", str(dtype), *kinds]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part if isinstance(part, bytes) else repr(part).encode())
