@@ -36,7 +36,9 @@ def specs_for(mix, k):
 
 
 def make_step(specs, *, batch, device, fused, channels_last, compile=False, single=False):
-    k = len(specs)
+    """One training step of ``specs`` as one stacked model, or with ``single`` of the one run in
+    ``specs`` as a plain ``CifarNet`` (LayerNorm as GroupNorm of one group)."""
+    k = 1 if single else len(specs)
     model = models.CifarNet(stack=specs).to(device) if not single else models.CifarNet(
         "bn" if specs[0].kind == "bn" else "gn", groups=specs[0].groups or 2).to(device)
     if channels_last:
@@ -45,7 +47,6 @@ def make_step(specs, *, batch, device, fused, channels_last, compile=False, sing
         models.use_triton_kernels(model)
     forward = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4, foreach=True)
-    k = 1 if single else k
     criterion = StackLoss([0.1] * k, device)
     x = torch.randn(batch, 3 * k, 32, 32, device=device)
     if channels_last:
