@@ -2,8 +2,12 @@
 saved here: notebooks display them, :func:`checkpoints.save_figure` writes them).
 
 matplotlib is imported on first use: a training run draws nothing until it ends, and the import
-adds ~0.5 s to every start-up.
+adds ~0.5 s to every start-up. :func:`warm_up_in_background` pays that import, and the first
+figure's font loading, on a thread while the GPU trains, so a run's figures cost only their drawing.
 """
+import functools
+import io
+import sys
 import threading
 
 import torch
@@ -15,6 +19,34 @@ from .config import CHOICES
 # pyplot keeps process-wide state and is not thread-safe: runs that train in threads of one process
 # (the study's concurrent runs, a Ray worker's) draw their figures one at a time under this lock.
 FIGURE_LOCK = threading.Lock()
+
+
+@functools.cache  # once a process: what it loads stays loaded
+def warm_up():
+    """Import pyplot and render one throw-away figure with text (fonts, glyph caches, Agg): the
+    fixed cost of a process's first figure (~1-2 s), paid once. The figure is not pyplot's
+    (nothing to show or close in a notebook)."""
+    import matplotlib.pyplot  # noqa: F401  (the import is the point: the figures use pyplot)
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(2, 1))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], marker=".")
+    ax.set_title("warm-up")
+    fig.tight_layout()
+    with FIGURE_LOCK:
+        fig.savefig(io.BytesIO(), format="png", dpi=100, bbox_inches="tight")
+
+
+def warm_up_in_background():
+    """:func:`warm_up` on a daemon thread: call it when the GPU starts training, whose epochs leave
+    the CPU waiting (PyTorch releases the GIL while it waits). Returns the thread, or ``None`` where
+    pyplot is loaded already (a notebook's kernel: nothing to gain, and its display hooks are left
+    to its own thread)."""
+    if "matplotlib.pyplot" in sys.modules:
+        return None
+    thread = threading.Thread(target=warm_up, name="figures-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def loss_accuracy_curves(train_losses, train_acc, test_losses, test_acc, *, title=None):

@@ -258,8 +258,14 @@ def _train(config, run_dir, *, options, dataset, data_dir, download, restart, fi
     # The runtime the run had (fit may switch the Triton kernels off): this run's, even while
     # runs in other threads switch them off for the process.
     used = {}
+
+    def prepared(training):
+        used.update(training.runtime)
+        if figures:  # the figures' fixed cost while the epochs run, not after them
+            plots.warm_up_in_background()
+
     options = dataclasses.replace(options, device=device, checkpoint_path=checkpoint, resume=resume,
-                                  on_prepared=lambda training: used.update(training.runtime))
+                                  on_prepared=prepared)
     history = fit_lib.fit(model, dataset, norm=config.norm, recipe=recipe, seed=config.seed, options=options)
     return finish_run(config, run_dir, model=model, history=history, runtime=used, device=device, dataset=dataset,
                       figures=figures, seconds=time.perf_counter() - start, log=options.log)

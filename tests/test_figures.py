@@ -1,4 +1,8 @@
 """Figures render off-screen (Agg) with the panels and titles a reader expects."""
+import os
+import subprocess
+import sys
+
 import matplotlib
 import matplotlib.pyplot as plt
 import pytest
@@ -71,3 +75,26 @@ def test_comparison_and_training_images(dataset):
     assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2, 2]
     fig = utils.show_images(dataset["train_images"], dataset["train_labels"], data.CLASSES, n=10)
     assert sum(1 for ax in fig.axes if ax.images) == 10
+
+
+def test_figures_warm_up_in_a_fresh_process_loads_pyplot_and_shows_nothing():
+    # In a fresh process (pytest has pyplot already): the thread imports pyplot and leaves no figure.
+    code = ("from normstudy import plots; import sys; assert 'matplotlib.pyplot' not in sys.modules; "
+            "thread = plots.warm_up_in_background(); thread.join(); import matplotlib.pyplot as plt; "
+            "assert plt.get_fignums() == [], plt.get_fignums(); assert plots.warm_up_in_background() is None; "
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("figures", [True, False])
+def test_a_run_warms_up_its_figures_once_set_up_only_when_it_draws_them(figures, tmp_path, monkeypatch):
+    from normstudy import plots
+    from normstudy import run as run_lib
+    from normstudy.config import RunConfig
+    calls = []
+    monkeypatch.setattr(plots, "warm_up_in_background", lambda: calls.append("warm"))
+    config = RunConfig(norm="bn", epochs=1, batch_size=256, data="synthetic")
+    run_lib.run_one(config, tmp_path, device="cpu", figures=figures, progress=False, log=lambda line: None)
+    assert calls == (["warm"] if figures else [])
