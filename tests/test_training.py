@@ -372,3 +372,20 @@ def test_recording_waits_for_running_work_and_new_work_waits_for_recording():
     for thread in (first, recorder, second):
         thread.join(timeout=5)
     assert events == ["a start", "a end", "record", "recorded", "b start", "b end"]
+
+
+def test_graph_warm_up_stays_inside_a_small_epoch(dataset):
+    """The warm-up before recording a graph (fast.graph_epoch) takes several steps of one batch
+    size: each must read images inside the epoch even where they do not fit one after another (a
+    batch of 300 in the 500 images here; on the GPU `--smoke` at batch 512 of 1,024 images read
+    past the end: a device-side assert that failed every smoke run of train.py and the study)."""
+    recipe = small_recipe(epochs=1, batch_size=300)
+    model = models.fresh_model("bn", recipe, train_images=dataset["train_images"], seed=0)
+    training = fit_lib.prepare(model, dataset, recipe=recipe, device="cpu", seed=0,
+                               runtime={"cuda_graph": True}, norm="bn")
+    training._lr_on_device()
+    trainer = training.epoch_trainer(progress=False)
+    assert trainer.warmup_steps * 300 > len(trainer.images)
+    trainer.images.copy_(training.train_loader.epoch_tensors()[0])
+    trainer._warm_up(300)  # IndexError (CPU) before the fix
+    assert int(trainer.position) == 300

@@ -97,16 +97,23 @@ class GraphEpoch:
             tensors += [self.body.scaler.factor, self.body.scaler.growth_tracker, self.body.scaler.found_inf]
         return tensors
 
+    def _warm_up(self, batch_size):
+        """The steps that load and pick the kernels before recording (they must not be recorded;
+        :meth:`_record` restores what they change). Each starts at the epoch's first image: three
+        consecutive batches of 512 would read past an epoch of 1,024 images (``--smoke``), an
+        index out of bounds that a GPU reports as a device-side assert, fatal to the process."""
+        for _ in range(self.warmup_steps):
+            self.position.zero_()
+            self._one_step(batch_size)
+
     def _record(self, steps, batch_size):
         """Record ``steps`` consecutive steps of ``batch_size``; every tensor the warm-up changed
         is restored, so recording leaves no trace in the training."""
         saved = [t.detach().clone() for t in self._state()]
-        self.position.zero_()  # the warm-up's batches must lie inside the epoch wherever recording starts
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.warmup_steps):  # loads and picks the kernels; must not be recorded
-                self._one_step(batch_size)
+            self._warm_up(batch_size)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
             for tensor, value in zip(self._state(), saved):
