@@ -20,6 +20,20 @@ a device synchronization, and prints one JSON line of seconds per stage:
     step_last  the same for the epoch's last, smaller batch
     epoch_1    the first whole epoch after that (train + test)
     epoch_2    the second
+    checkpoint one epoch's checkpoint written (a run writes one after every epoch)
+
+and then the end of a run, as ``run.finish_run`` and ``train.py`` go through it (into a temporary
+folder):
+
+    pyplot        importing pyplot and a first text layout (``plots.warm_up``; a run does this on
+                  a thread while its epochs run, so it is counted here but hidden in a run)
+    tta_weights_record  ``run.finish_run`` without figures: the final test with flipped images,
+                  ``weights.pt``, ``record.json``
+    curves        ``curves.png``
+    misclassified ``misclassified.png`` (one more test pass to find them)
+    summary       the folder's ``summary.json``, ``results.md`` and figures
+    exit          (printed by the parent) the process's end: its wall less the child's ``total``
+    wall          (printed by the parent) the whole process
 """
 import time
 
@@ -29,6 +43,8 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def measure(args):
@@ -75,14 +91,53 @@ def measure(args):
     if last:
         step(images[:last], labels[:last])
         lap("step_last", sync)
+    history = {key: [] for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "lr")}
     for epoch in (1, 2):
-        loop.train(model, device, training.train_loader, training.optimizer, training.criterion, training.scheduler,
-                   progress=False, step=step)
-        _, accuracy = loop.test(model, device, training.test_loader, training.criterion, amp_dtype=training.amp_dtype)
+        begin, lr = time.time(), float(training.optimizer.param_groups[0]["lr"])
+        train_loss, train_acc = loop.train(model, device, training.train_loader, training.optimizer,
+                                           training.criterion, training.scheduler, progress=False, step=step)
+        test_loss, accuracy = loop.test(model, device, training.test_loader, training.criterion,
+                                        amp_dtype=training.amp_dtype)
         lap(f"epoch_{epoch}", sync)
+        for key, value in zip(history, (train_loss, train_acc, test_loss, accuracy, time.time() - begin, lr)):
+            history[key].append(value)
+    with tempfile.TemporaryDirectory(prefix="startup-") as tmp:
+        end_of_run(Path(tmp), model=model, training=training, dataset=dataset, device=device, norm=norm,
+                   history=history, lap=lap, sync=sync)
     stages["total"] = round(time.time() - (args.spawn_time or START), 3)
-    print(json.dumps({"norm": norm, "runtime": runtime, "seconds": stages, "test_acc_epoch_2": accuracy}))
+    print(json.dumps({"norm": norm, "runtime": runtime, "seconds": stages, "test_acc_epoch_2": accuracy}), flush=True)
 
+
+def end_of_run(folder, *, model, training, dataset, device, norm, history, lap, sync):
+    """The stages after the epochs (see the module docstring), each timed with ``lap``, through
+    the run's own functions: a real record in ``folder``, which the summary then reads."""
+    from normstudy import checkpoints, plots, run as run_lib, summary
+    from normstudy.config import RunConfig
+    checkpoints.save_torch(folder / "checkpoint.pt", {"model": model.state_dict(),
+                                                      "optimizer": training.optimizer.state_dict()})
+    lap("checkpoint")
+    plots.warm_up()
+    lap("pyplot")
+    config = RunConfig(norm=norm, seed=0, epochs=len(history["test_acc"]))
+    run_dir = folder / config.run_id
+    run_dir.mkdir()
+    run_lib.claim_folder(run_dir, config)  # config.json, as a run writes it before its first epoch
+    record = run_lib.finish_run(config, run_dir, model=model, history=history, runtime=training.runtime,
+                                device=device, dataset=dataset, figures=False, seconds=0.0)
+    lap("tta_weights_record", sync)
+    title = config.label
+    checkpoints.save_figure(run_dir / "curves.png", plots.loss_accuracy_curves(
+        history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
+    lap("curves")
+    checkpoints.save_figure(run_dir / "misclassified.png", plots.show_misclassified(model, device, dataset,
+                                                                                    title=title))
+    lap("misclassified", sync)
+    if summary.write_summary(folder) is None:
+        from normstudy import report
+        raise SystemExit(f"startup.py: {run_dir.name} did not count as a finished run: nothing summarized "
+                         f"({'; '.join(report.load_records(folder)[1])})")
+    lap("summary")
+    return record
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -100,7 +155,16 @@ def main():
            "--device", args.device, "--spawn-time", repr(time.time())]
     if args.runtime:
         cmd += ["--runtime", args.runtime]
-    subprocess.run(cmd, check=True)
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - start
+    sys.stderr.write(done.stderr)
+    if done.returncode:
+        raise SystemExit(f"startup.py: the measured process exited {done.returncode}")
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    line["seconds"]["exit"] = round(wall - line["seconds"]["total"], 3)  # the child's clock starts at spawn too
+    line["seconds"]["wall"] = round(wall, 3)
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":
