@@ -19,6 +19,7 @@ handlers for the command's duration only and never ends the process: every signa
 This module imports nothing heavy: it is the first thing an entry point imports.
 """
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -80,9 +81,17 @@ def handled(prog, kept):
 
 def work_done():
     """The command's work has ended (returned or raised): from now on a signal quits at once rather
-    than raise into the lines that report how it ended."""
+    than raise into the lines that report how it ended.
+
+    A command that owns its process is about to exit, so every object it holds is also moved out
+    of the garbage collector's reach (``gc.freeze``): the interpreter's last collection then skips
+    the million-odd objects that torch and the run left, and the process ends in 0.23-0.27 s
+    instead of 0.71-0.89 s (``python -c "import torch"``, 2-core CPU). Only the collection of
+    cycles is skipped; atexit handlers, flushes and files are as before, and every file a command
+    writes is whole and synced when written (``checkpoints.atomic_write``)."""
     if _state.owns_process and _state.phase == "working":
         _state.phase = "done"
+        gc.freeze()
 
 
 def say(signum):
