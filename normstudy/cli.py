@@ -226,19 +226,25 @@ def _train_all(args, out, *, prog="train.py"):
         raise checkpoints.CheckpointError(f"--resume: no checkpoint under {out} for "
                                           + ", ".join(c.run_id for c in configs))
     print(f"device: {runtime_lib.device_name(device)}", flush=True)
-    dataset = None
-    for config in configs:
-        record = run_lib.read_record(out / config.run_id)
-        if record is not None:
-            print(_finished_already(config, out, record, runtime=args.runtime), flush=True)
-            continue
-        dataset = dataset or run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
-        try:
-            run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime, resume=args.resume,
-                            restart=args.restart, progress=not args.quiet)
-        except FloatingPointError as err:
-            print(f"{prog}: diverged: {err}; {_last_good_epoch(out / config.run_id)}", file=sys.stderr)
-            return EXIT_DIVERGED
+    dataset, warming = None, None
+    try:
+        for config in configs:
+            record = run_lib.read_record(out / config.run_id)
+            if record is not None:
+                print(_finished_already(config, out, record, runtime=args.runtime), flush=True)
+                continue
+            if dataset is None:  # the CUDA context and cuDNN load while the files are read
+                warming = runtime_lib.warm_up_device_in_background(device)
+            dataset = dataset or run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
+            try:
+                run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime,
+                                resume=args.resume, restart=args.restart, progress=not args.quiet)
+            except FloatingPointError as err:
+                print(f"{prog}: diverged: {err}; {_last_good_epoch(out / config.run_id)}", file=sys.stderr)
+                return EXIT_DIVERGED
+    finally:
+        if warming is not None:  # never exit under a thread in CUDA's calls (an abort, exit 134)
+            warming.join()
     print(summary_lib.write_summary(out))
 
 

@@ -373,3 +373,36 @@ def test_compile_kernels_skips_a_self_check_that_passed_before(monkeypatch, caps
     assert len(checks) == 1 and memo == {"k"}
     assert fit_lib.compile_kernels(model, device, runtime, image_shape=(3, 32, 32)) is runtime
     assert len(checks) == 1 and said(capsys) == []  # the second run trusts the first's check
+
+
+def test_device_warm_up_starts_nothing_off_cuda():
+    # Only a CUDA device has a context and cuDNN to load (runtime.warm_up_device, started by train.py
+    # while it reads the data); on the CPU no thread is left behind.
+    import threading
+    before = {t.name for t in threading.enumerate()}
+    assert runtime_lib.warm_up_device_in_background(torch.device("cpu")) is None
+    assert "device-warm-up" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_train_command_joins_its_device_warm_up(tmp_path, monkeypatch):
+    # The warm-up thread is joined before the command ends, whatever happens (a process that exits
+    # under a thread inside CUDA's calls aborts): here the data cannot be read (exit 2).
+    joined = []
+
+    class Thread:
+        def join(self):
+            joined.append(True)
+
+    monkeypatch.setattr(runtime_lib, "warm_up_device_in_background", lambda device: Thread())
+    code = cli.main(["--norm", "bn", "--data-dir", str(tmp_path / "none"), "--no-download", "--out",
+                     str(tmp_path / "out"), "--quiet", "--device", "cpu"])
+    assert code == 2 and joined == [True]
+
+
+def test_device_warm_up_draws_no_random_numbers():
+    # It may run while a run seeds and draws (train.py starts it before reading the data): a draw
+    # would shift the run's random stream and break its bit-reproducibility.
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    runtime_lib.warm_up_device(torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
