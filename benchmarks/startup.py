@@ -29,8 +29,7 @@ folder):
                   a thread while its epochs run, so it is counted here but hidden in a run)
     tta_weights_record  ``run.finish_run`` without figures: the final test with flipped images,
                   ``weights.pt``, ``record.json``
-    curves        ``curves.png``
-    misclassified ``misclassified.png`` (one more test pass to find them)
+    figures       ``curves.png`` and ``misclassified.png`` (one more test pass to find them)
     summary       the folder's ``summary.json``, ``results.md`` and figures
     exit          (printed by the parent) the process's end: its wall less the child's ``total``
     wall          (printed by the parent) the whole process
@@ -92,7 +91,7 @@ def measure(args):
     if last:
         step(images[:last], labels[:last])
         lap("step_last", sync)
-    history = {key: [] for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "lr")}
+    history = fit.new_history()
     for epoch in (1, 2):
         begin, lr = time.time(), float(training.optimizer.param_groups[0]["lr"])
         train_loss, train_acc = loop.train(model, device, training.train_loader, training.optimizer,
@@ -100,7 +99,7 @@ def measure(args):
         test_loss, accuracy = loop.test(model, device, training.test_loader, training.criterion,
                                         amp_dtype=training.amp_dtype)
         lap(f"epoch_{epoch}", sync)
-        for key, value in zip(history, (train_loss, train_acc, test_loss, accuracy, time.time() - begin, lr)):
+        for key, value in zip(history, (train_loss, train_acc, test_loss, accuracy, lr, time.time() - begin)):
             history[key].append(value)
     with tempfile.TemporaryDirectory(prefix="startup-") as tmp:
         end_of_run(Path(tmp), model=model, training=training, dataset=dataset, device=device, norm=norm,
@@ -115,8 +114,9 @@ def end_of_run(folder, *, model, training, dataset, device, norm, history, lap, 
     the run's own functions: a real record in ``folder``, which the summary then reads."""
     from normstudy import checkpoints, plots, run as run_lib, summary
     from normstudy.config import RunConfig
-    checkpoints.save_torch(folder / "checkpoint.pt", {"model": model.state_dict(),
-                                                      "optimizer": training.optimizer.state_dict()})
+    checkpoints.save_torch(folder / "checkpoint.pt", checkpoints.make_checkpoint(
+        model=model, optimizer=training.optimizer, scheduler=training.scheduler,
+        generator=training.train_loader.generator, history=history, run={"norm": norm}, scaler=training.scaler))
     lap("checkpoint")
     plots.warm_up()
     lap("pyplot")
@@ -127,19 +127,15 @@ def end_of_run(folder, *, model, training, dataset, device, norm, history, lap, 
     record = run_lib.finish_run(config, run_dir, model=model, history=history, runtime=training.runtime,
                                 device=device, dataset=dataset, figures=False, seconds=0.0)
     lap("tta_weights_record", sync)
-    title = config.label
-    checkpoints.save_figure(run_dir / "curves.png", plots.loss_accuracy_curves(
-        history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title))
-    lap("curves")
-    checkpoints.save_figure(run_dir / "misclassified.png", plots.show_misclassified(model, device, dataset,
-                                                                                    title=title))
-    lap("misclassified", sync)
+    run_lib.write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
+    lap("figures", sync)
     if summary.write_summary(folder) is None:
         from normstudy import report
         raise SystemExit(f"startup.py: {run_dir.name} did not count as a finished run: nothing summarized "
                          f"({'; '.join(report.load_records(folder)[1])})")
     lap("summary")
     return record
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

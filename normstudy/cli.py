@@ -235,7 +235,7 @@ def _train_all(args, out, *, prog="train.py"):
                 continue
             if dataset is None:  # the CUDA context and cuDNN load while the files are read
                 warming = runtime_lib.warm_up_device_in_background(device)
-            dataset = dataset or run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
+                dataset = run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
             try:
                 run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime,
                                 resume=args.resume, restart=args.restart, progress=not args.quiet)
