@@ -516,3 +516,20 @@ def test_one_seed_has_no_spread_to_show():
     row = report.results_table(report.summarize([full_record(one), full_record(two, acc=60.0)])["cells"]
                                ).splitlines()[2]
     assert row.startswith("| BatchNorm | 512 | 48,736 | 2 | 55.00 ± 7.07 % | 55.00 ± 7.07 % | 50.00 % |")
+
+
+def test_data_goes_to_the_device_only_while_no_run_works_there(monkeypatch):
+    """Found on the H200: a grid started in a process whose other grid was recording a run's CUDA
+    graph copied its data to the GPU and synchronized the device mid-capture; the copy and the
+    recording run both failed. The copy now waits until no run of the process works on the device."""
+    from normstudy.runners import units
+    from normstudy.runtime import DEVICE_LOCK
+    tiny = data.load_synthetic_cifar10(n_train=8, n_test=4)
+    monkeypatch.setattr(run_lib, "load_data", lambda config, **kw: tiny)
+    datasets, moved = units.Datasets(device="cpu"), threading.Event()
+    with DEVICE_LOCK.work():  # a run at work (e.g. recording its graph)
+        thread = threading.Thread(target=lambda: (datasets.of(RunConfig(norm="bn", data="synthetic")), moved.set()))
+        thread.start()
+        assert not moved.wait(0.5), "the data went to the device while a run worked there"
+    assert moved.wait(10)
+    thread.join()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import run as run_lib
+from ..runtime import DEVICE_LOCK
 
 
 class Stopped(BaseException):
@@ -54,10 +55,14 @@ class Datasets(dict):
                 with file_lock(Path(self.data_dir) / ".normstudy-data.lock",
                                enabled=self.shared_folder and config.data == "cifar10"):
                     dataset = run_lib.load_data(config, data_dir=self.data_dir, download=self.download)
-                self[key] = {name: value.to(self.device) if torch.is_tensor(value) else value
-                             for name, value in dataset.items()}
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # the copies are done before other streams read them
+                # A copy from the CPU and a device-wide synchronization invalidate a CUDA graph that
+                # another thread is recording (seen on the H200: a grid started beside another
+                # grid's runs failed here, and so did the run that was recording): alone.
+                with DEVICE_LOCK.alone():
+                    self[key] = {name: value.to(self.device) if torch.is_tensor(value) else value
+                                 for name, value in dataset.items()}
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)  # the copies are done before other streams read them
             return self[key]
 
     def load(self, configs):
