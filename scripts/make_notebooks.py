@@ -145,6 +145,7 @@ def study_cells():
             "if SMOKE:  # 2 norms x 2 batch sizes x 1 seed x 1 epoch on synthetic data, in a temporary folder\n"
             "    import tempfile\n"
             "    BATCH_RESULTS = GROUPS_RESULTS = tempfile.mkdtemp(prefix='norm-study-smoke-')\n"
+            "    GHOST_RESULTS = ORDER_RESULTS = REMEDIES_RESULTS = tempfile.mkdtemp(prefix='norm-study-smoke-')  # not run\n"
             "    grid = study.batch_grid(norms=('bn', 'gn'), batch_sizes=(256, 512), seeds=(0,), epochs=1, data='synthetic')\n"
             "    study.run_grid(grid, BATCH_RESULTS, progress=False)\n"
             "batch = study_report.load_summary(BATCH_RESULTS)\n"

@@ -71,7 +71,9 @@ def test_study_notebook_runs_a_tiny_grid_in_smoke_mode(monkeypatch):
     text = "".join(output.get("text", "") + output.get("data", {}).get("text/markdown", "") for output in outputs)
     assert "4 of 4 runs finished" in text
     assert "| GN − BN |" in text and "| batch | G=2 | BN |" in text  # Table 2 and Table 3 layouts
+    # Smoke mode shows its tiny grid alone: none of the committed results (part two's were shown, once committed).
     assert sum("image/png" in output.get("data", {}) for output in outputs) == 3  # batch, curves, groups
+    assert text.count("not run yet") == 3  # ghost, order, remedies
 
 
 def test_study_notebook_only_loads_and_shows():
