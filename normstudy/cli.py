@@ -233,8 +233,8 @@ def _train_all(args, out, *, prog="train.py"):
             if record is not None:
                 print(_finished_already(config, out, record, runtime=args.runtime), flush=True)
                 continue
-            if dataset is None:  # the CUDA context and cuDNN load while the files are read
-                warming = runtime_lib.warm_up_device_in_background(device)
+            if dataset is None:  # the CUDA context, cuDNN and the run's kernels load while the files are read
+                warming = run_lib.warm_up_in_background(config, device=device, runtime=args.runtime)
                 dataset = run_lib.load_data(config, data_dir=args.data_dir, download=not args.no_download)
             try:
                 run_lib.run_one(config, out, dataset=dataset, device=device, runtime=args.runtime,

@@ -82,6 +82,27 @@ def compile_kernels(model, device, runtime, *, image_shape):
     return runtime
 
 
+def compile_ahead(model, device, runtime=None, *, image_shape=data_lib.IMAGE_SHAPE):
+    """A head start on :func:`compile_kernels` for a run of ``model``'s network: the Triton
+    kernels its set-up will compile, compiled now, nothing checked, nothing said. ``model`` gives
+    the structure only (build it on the meta device, which draws no random numbers; it is
+    materialized here with values that do not matter). The run's own set-up then finds the
+    kernels in Triton's memory and checks them as always; whatever fails here it meets and
+    reports itself. For a command to do on a thread while it reads the data
+    (:func:`run.warm_up_in_background`); holds :data:`DEVICE_LOCK` alone meanwhile, as
+    :func:`fit` does for the same work."""
+    device = torch.device(device)
+    runtime = resolve_runtime(device, getattr(model, "norm", None), runtime)
+    if not runtime["triton_kernels"] or models.kernel_gaps(model):
+        return
+    model = prepare_model(model.to_empty(device=device), device, runtime)
+    example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    with DEVICE_LOCK.alone(), torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.zero_()  # defined values: the tiny step a compile takes must not meet NaNs
+        self_check.precompile(model, example, runtime_lib.AMP_DTYPES[runtime["amp"]])
+
+
 def make_loaders(dataset, *, recipe, device, seed):
     """Training and test loaders over ``dataset`` (as :func:`data.load_cifar10` returns it)."""
     generator = torch.Generator(device=device).manual_seed(seed)

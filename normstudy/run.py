@@ -34,6 +34,7 @@ from . import fit as fit_lib
 from . import loop
 from . import models
 from . import plots
+from . import recipe as recipe_lib
 from . import runtime as runtime_lib
 from .config import RunConfig
 from .runtime import DEVICE_LOCK
@@ -59,6 +60,26 @@ def load_data(config, *, data_dir="./data", download=True):
     else:
         dataset = data_lib.load_cifar10(data_dir, download=download)
     return data_lib.holdout_split(dataset, config.holdout) if config.holdout else dataset
+
+
+def network(config):
+    """``config``'s network, its structure only: built on the meta device, so it takes no memory
+    and draws no random numbers (:func:`fit.compile_ahead` needs no more)."""
+    choices = dict(config.choices)
+    if choices.get("renorm"):
+        choices["steps_per_epoch"] = 1  # Batch Renorm's schedule: its length does not change the structure
+    with torch.device("meta"):
+        return models.CifarNet(config.norm, **recipe_lib.model_kwargs(config.recipe), **choices)
+
+
+def warm_up_in_background(config, *, device, runtime=None):
+    """On CUDA, a daemon thread that readies the device for ``config``'s run while a command reads
+    the data: the CUDA context and cuDNN (:func:`runtime.warm_up_device`), then the run's Triton
+    kernels compiled (:func:`fit.compile_ahead`: ~1 s of a run's set-up on the H200, warm cache).
+    Draws no random numbers; errors are left for the run to meet. Returns the thread (join it
+    before the process ends), or ``None`` off CUDA."""
+    return runtime_lib.warm_up_device_in_background(
+        device, then=lambda: fit_lib.compile_ahead(network(config), device, runtime))
 
 
 REQUIRED = ("config", "recipe", "device", "params", "final", "history")

@@ -234,19 +234,22 @@ def warm_up_device(device):
             torch.cuda.synchronize(device)
 
 
-def _warm_up_quietly(device):
+def _warm_up_quietly(device, then):
     try:
         warm_up_device(device)
+        if then is not None:
+            then()
     except Exception:  # noqa: BLE001 - a head start only: the run meets any such error itself and reports it
         pass
 
 
-def warm_up_device_in_background(device):
-    """:func:`warm_up_device` on a daemon thread, for a command to start before it reads the data
-    (file reads and PyTorch's calls leave the GIL, so the two overlap); returns the thread, or
-    ``None`` off CUDA (nothing to warm)."""
+def warm_up_device_in_background(device, *, then=None):
+    """:func:`warm_up_device` on a daemon thread, then ``then()`` there if given (a run's kernels:
+    ``run.warm_up_in_background``), for a command to start before it reads the data (file reads
+    and PyTorch's calls leave the GIL, so the two overlap); returns the thread, or ``None`` off
+    CUDA (nothing to warm)."""
     if torch.device(device).type != "cuda":
         return None
-    thread = threading.Thread(target=_warm_up_quietly, args=(device,), name="device-warm-up", daemon=True)
+    thread = threading.Thread(target=_warm_up_quietly, args=(device, then), name="device-warm-up", daemon=True)
     thread.start()
     return thread

@@ -18,10 +18,13 @@ from normstudy import cli
 from normstudy import fit as fit_lib
 from normstudy import models
 from normstudy import recipe as recipe_lib
+from normstudy import run as run_lib
 from normstudy import runtime as runtime_lib
+from normstudy import data
 from normstudy.fast import self_check, steps
 from normstudy.fast.amp import LossScaler
 from normstudy.fast.optimizers import SGD
+from normstudy.config import RunConfig
 
 CUDA = torch.device("cuda")
 
@@ -393,7 +396,7 @@ def test_train_command_joins_its_device_warm_up(tmp_path, monkeypatch):
         def join(self):
             joined.append(True)
 
-    monkeypatch.setattr(runtime_lib, "warm_up_device_in_background", lambda device: Thread())
+    monkeypatch.setattr(run_lib, "warm_up_in_background", lambda config, **kw: Thread())
     code = cli.main(["--norm", "bn", "--data-dir", str(tmp_path / "none"), "--no-download", "--out",
                      str(tmp_path / "out"), "--quiet", "--device", "cpu"])
     assert code == 2 and joined == [True]
@@ -406,3 +409,48 @@ def test_device_warm_up_draws_no_random_numbers():
     state = torch.get_rng_state()
     runtime_lib.warm_up_device(torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def _what_is_compiled(calls):
+    """What ``kernels.precompile`` was asked for: the network (each module and its kernels switch),
+    its parameters' shapes, layouts and device, the example and the dtypes."""
+    def describe(model, example, dtype):
+        return ([(name, type(module).__name__, getattr(module, "fused", None)) for name, module in model.named_modules()],
+                [(name, tuple(p.shape), p.stride(), p.dtype, p.device.type) for name, p in model.named_parameters()],
+                (tuple(example.shape), example.stride(), example.dtype, example.device.type), dtype)
+    return [describe(*call) for call in calls]
+
+
+@pytest.mark.parametrize("config", [RunConfig(norm="bn"), RunConfig(norm="gn", groups=4), RunConfig(norm="ln", ws=True)],
+                         ids=lambda config: config.run_id)
+def test_the_kernels_head_start_compiles_what_the_run_compiles_and_draws_nothing(config, monkeypatch):
+    # train.py compiles a run's Triton kernels on a thread while it reads the data (run.warm_up_in_background,
+    # fit.compile_ahead: ~1 s of the H200's start-up); the run's own set-up then finds them compiled only if
+    # it asks for the very same kernels. The head start runs while the run seeds and draws: it draws nothing.
+    device = kernels_device()
+    from normstudy.fast import kernels
+    ahead, run = [], []
+    calls = ahead
+    monkeypatch.setattr(kernels, "precompile", lambda model, example, *, dtype=None: calls.append((model, example, dtype)))
+    monkeypatch.setattr(self_check, "kernels_self_check", lambda *args: None)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    fit_lib.compile_ahead(run_lib.network(config), device, FP32_KERNELS)
+    assert torch.equal(torch.get_rng_state(), state)
+    calls = run
+    model = models.fresh_model(config.norm, config.recipe, train_images=data.load_synthetic_cifar10(n_train=64)["train_images"],
+                               seed=0, choices=config.choices)
+    fit_lib.prepare_model(model, device, FP32_KERNELS)
+    assert fit_lib.compile_kernels(model, device, FP32_KERNELS, image_shape=(3, 32, 32)) is FP32_KERNELS
+    assert len(ahead) == len(run) == 1 and _what_is_compiled(ahead) == _what_is_compiled(run)
+
+
+def test_no_head_start_where_the_run_takes_pytorchs_modules(monkeypatch, capsys):
+    # The Conv -> Norm -> ReLU order has no kernels: nothing to compile, and nothing said (the run says it).
+    device = kernels_device()
+    from normstudy.fast import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "precompile", lambda *args, **kw: calls.append(args))
+    fit_lib.compile_ahead(run_lib.network(RunConfig(norm="gn", order="norm-relu")), device, FP32_KERNELS)
+    fit_lib.compile_ahead(run_lib.network(RunConfig(norm="bn")), "cpu", "eager")
+    assert calls == [] and said(capsys) == []

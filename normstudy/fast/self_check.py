@@ -32,12 +32,7 @@ def compile_and_check(model, example, dtype=None):
     kernels on this machine before (:mod:`normstudy.fast.checked`) is not repeated, nor are its fp32
     kernels compiled: 0.84 s and ~0.4 s of a run's start on the H200."""
     try:
-        from . import checked, kernels
-        memo = checked.key(model, device=example.device, dtype=dtype)
-        known_good = memo is not None and checked.passed(memo)
-        # The self-check runs in fp32 too: its kernels are compiled with the run's unless it is skipped
-        # (any others, as the final evaluation's, compile when first launched).
-        kernels.precompile(model, example, dtype=(dtype, None) if dtype is not None and not known_good else dtype)
+        memo, known_good = precompile(model, example, dtype)
     except Exception as err:  # noqa: BLE001 - any failure means: run without them
         return f"they failed to compile: {type(err).__name__}: {err}"
     if known_good:
@@ -47,8 +42,23 @@ def compile_and_check(model, example, dtype=None):
     except Exception as err:  # noqa: BLE001
         return f"self-check failed: {type(err).__name__}: {err}"
     if problem is None and memo is not None:
+        from . import checked
         checked.remember(memo)
     return problem
+
+
+def precompile(model, example, dtype=None):
+    """Compile what :func:`compile_and_check` compiles (``kernels.precompile``), check nothing;
+    return ``(memo, known_good)``: the check's name (:func:`checked.key`) and whether it passed on
+    this machine before. Also a command's head start while it reads the data (``fit.compile_ahead``):
+    Triton keeps what it compiled in memory, so the run's own call then costs almost nothing."""
+    from . import checked, kernels
+    memo = checked.key(model, device=example.device, dtype=dtype)
+    known_good = memo is not None and checked.passed(memo)
+    # The self-check runs in fp32 too: its kernels are compiled with the run's unless it is skipped
+    # (any others, as the final evaluation's, compile when first launched).
+    kernels.precompile(model, example, dtype=(dtype, None) if dtype is not None and not known_good else dtype)
+    return memo, known_good
 
 
 # Largest relative error (max |difference| / max |reference|) of the kernels' self-check in fp32,
