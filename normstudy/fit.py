@@ -72,8 +72,8 @@ def compile_kernels(model, device, runtime, *, image_shape):
     and no later run of this process tries them). ``image_shape`` is one image's (C, H, W)."""
     if not runtime["triton_kernels"]:
         return runtime
-    example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
-    problem = self_check.compile_and_check(model, example, runtime_lib.AMP_DTYPES[runtime["amp"]])
+    problem = self_check.compile_and_check(model, _kernel_example(device, image_shape),
+                                           runtime_lib.AMP_DTYPES[runtime["amp"]])
     if problem is None:
         return runtime
     runtime_lib.kernels_off(problem, broken=True)
@@ -95,12 +95,18 @@ def compile_ahead(model, device, runtime=None, *, image_shape=data_lib.IMAGE_SHA
     runtime = resolve_runtime(device, getattr(model, "norm", None), runtime)
     if not runtime["triton_kernels"] or models.kernel_gaps(model):
         return
-    model = prepare_model(model.to_empty(device=device), device, runtime)
-    example = torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
-    with DEVICE_LOCK.alone(), torch.no_grad():
-        for tensor in (*model.parameters(), *model.buffers()):
-            tensor.zero_()  # defined values: the tiny step a compile takes must not meet NaNs
-        self_check.precompile(model, example, runtime_lib.AMP_DTYPES[runtime["amp"]])
+    with DEVICE_LOCK.alone():
+        model = prepare_model(model.to_empty(device=device), device, runtime)
+        with torch.no_grad():
+            for tensor in (*model.parameters(), *model.buffers()):
+                tensor.zero_()  # defined values: the tiny step a compile takes must not meet NaNs
+        self_check.precompile(model, _kernel_example(device, image_shape), runtime_lib.AMP_DTYPES[runtime["amp"]])
+
+
+def _kernel_example(device, image_shape):
+    # The input the kernels are compiled (and checked) for: compile_ahead's and compile_kernels'
+    # must be the same, or the run's own compile finds nothing compiled ahead.
+    return torch.zeros(2, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
 
 
 def make_loaders(dataset, *, recipe, device, seed):
