@@ -52,9 +52,16 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path):
+    """The pickle at ``path``; a dict's keys as str whichever Python wrote it. The original release
+    is Python 2's: its arrays' bytes are Python 2 str, which ``encoding="latin1"`` (torchvision's
+    choice) decodes to a 30 MB str for numpy to encode back, 4-5x the time of ``encoding="bytes"``
+    (0.07-0.13 s against 0.02-0.03 s a file on a 2-core CPU; ~0.16 s a file on the H200's host)."""
     try:
         with open(path, "rb") as f:
-            return _SafeUnpickler(f, encoding="latin1").load()
+            record = _SafeUnpickler(f, encoding="bytes").load()
+        if isinstance(record, dict):
+            record = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in record.items()}
+        return record
     except FileNotFoundError:
         raise DatasetError(f"{path}: file missing from the CIFAR-10 folder; delete {path.parent} "
                            "to download it again, or copy a complete cifar-10-batches-py there") from None
@@ -162,9 +169,28 @@ def holdout_split(dataset, n, *, seed=0):
 
 # --- synthetic data in the CIFAR-10 file format -------------------------------------------------
 
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as the original release was pickled (protocol 2, by Python 2): bytes, and so an
+    array's data, as Python 2 str, so that synthetic files take the readers' real path."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        size = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([size]) if size < 256 else
+                   pickle.BINSTRING + size.to_bytes(4, "little"))
+        self.write(obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
 def _write_pickle(path, record):
+    """``record`` with its keys and strings as Python 2 str, as in the original release."""
+    def py2(value):
+        return value.encode("latin1") if isinstance(value, str) else value
     with open(path, "wb") as f:
-        pickle.dump(record, f, protocol=2)
+        _Py2Pickler(f, protocol=2).dump({py2(key): [py2(v) for v in value] if isinstance(value, list) else py2(value)
+                                         for key, value in record.items()})
 
 
 def synthetic_images(n, *, seed=0):

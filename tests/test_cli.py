@@ -207,10 +207,18 @@ def test_ctrl_c_exits_with_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_synthetic_data_is_the_real_format(tmp_path):
+    """Python 2's pickles, as the original release: str keys under encoding="latin1" (torchvision),
+    bytes under encoding="bytes" (the dataset page's snippet), the images as a Python 2 str (a
+    Python 3 pickle's bytes take another, 4x slower path: benchmarks on synthetic data timed it)."""
     folder = data.write_synthetic_cifar10(tmp_path, n_train=50, n_test=10)
     with open(folder / "data_batch_1", "rb") as f:
         record = pickle.load(f, encoding="latin1")
     assert record["data"].dtype == np.uint8 and record["data"].shape == (10, 3072)
+    raw = (folder / "data_batch_1").read_bytes()
+    with open(folder / "data_batch_1", "rb") as f:
+        assert np.array_equal(pickle.load(f, encoding="bytes")[b"data"], record["data"])
+    assert pickle.BINSTRING + (10 * 3072).to_bytes(4, "little") in raw  # the images, as Python 2 did
+    assert b"_codecs" not in raw  # Python 3 writes bytes under protocol 2 as _codecs.encode(str)
     assert sorted(p.name for p in folder.iterdir()) == [
         "batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
         "test_batch"]

@@ -25,6 +25,22 @@ def test_synthetic_folder_round_trips(cifar_dir):
     assert loaded["classes"][3] == "cat"
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_batches_pickled_by_python_3_load_as_the_originals_do(cifar_dir, protocol):
+    """The original release is Python 2's pickles (read with encoding="bytes", its keys decoded);
+    a folder another tool wrote with Python 3's pickle must load the same."""
+    folder = cifar_dir / "cifar-10-batches-py"
+    original = data.load_cifar10(cifar_dir, download=False)
+    for name in (*data.TRAIN_FILES, data.TEST_FILE):
+        with open(folder / name, "rb") as f:
+            record = pickle.load(f, encoding="bytes")
+        with open(folder / name, "wb") as f:
+            pickle.dump({key.decode(): value for key, value in record.items()}, f, protocol=protocol)
+    again = data.load_cifar10(cifar_dir, download=False)
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(again[key], original[key])
+
+
 def test_existing_folder_is_read_without_download(cifar_dir):
     # the autouse fixture makes any download fail: loading must not try one
     assert len(data.load_cifar10(cifar_dir)["train_labels"]) == 500
