@@ -15,6 +15,8 @@ folder is read here (:func:`load_records`, through :func:`run.read_record`), and
     plan      what the last grid command planned (``run_ids``, ``planned``, ``finished``,
               ``missing``), beside the whole, never instead of it; null when none did
     skipped   ``"path: why"`` for each run folder whose record is broken (not summarized)
+    failed    ``{run id: why}`` for each unfinished run whose last attempt failed (its folder's
+              ``failure.json``, :func:`run.note_failure`); absent in summaries written before it
 
 A cell whose runs collapsed to chance (``run.collapsed``) is marked in the tables.
 
@@ -28,7 +30,7 @@ import statistics
 from pathlib import Path
 
 from .config import CHOICES, NORMS, RunConfig, choice_words
-from .run import CHANCE, COLLAPSE_MARGIN, FINAL, RunFolderError, collapsed, is_collapsed, read_record
+from .run import CHANCE, COLLAPSE_MARGIN, FINAL, RunFolderError, collapsed, is_collapsed, read_failure, read_record
 
 SCHEMA = 2
 METRIC = "test_error_last3_mean"  # what the grid tables report (Wu & He report the error)
@@ -48,6 +50,17 @@ def load_records(out):
         except RunFolderError as err:
             skipped.append(str(err))
     return records, skipped
+
+
+def load_failures(out):
+    """``{run id: why}`` for each run folder directly under ``out`` whose run has not finished and
+    whose last attempt failed (:func:`run.read_failure`), in id order."""
+    failures = {}
+    for path in sorted(Path(out).glob("*/failure.json")):
+        reason = read_failure(path.parent)
+        if reason is not None and not (path.parent / "record.json").exists():
+            failures[path.parent.name] = reason
+    return failures
 
 
 def load_summary(folder):
@@ -128,19 +141,21 @@ def _cell_order(cell):
     return NORMS.index(cell["norm"]), cell["groups"] or 0, cell_choices(cell) != {}, cell["batch_size"], cell["cell"]
 
 
-def summarize(records, *, kind=None, plan=None, skipped=()):
+def summarize(records, *, kind=None, plan=None, skipped=(), failed=None):
     """The summary of a folder's ``records`` (the schema in the module docstring).
 
     ``kind``: the study grid the folder holds, or ``None``. ``plan``: the run ids the last grid
     command planned (``None``: no plan); its ``finished`` and ``missing`` are counted against
-    ``records``. ``skipped``: the broken run folders, named."""
+    ``records``. ``skipped``: the broken run folders, named. ``failed``: ``{run id: why}`` of the
+    unfinished runs whose last attempt failed (:func:`load_failures`)."""
     by_cell = {}
     for record in records:
         by_cell.setdefault(RunConfig.from_dict(record["config"]).cell, []).append(record)
     finished = {RunConfig.from_dict(r["config"]).run_id for r in records}
     return {"schema": SCHEMA, "kind": kind, "metric": METRIC, "runs": len(finished),
             "cells": sorted((summarize_cell(group) for group in by_cell.values()), key=_cell_order),
-            "plan": None if plan is None else _plan(plan, finished), "skipped": list(skipped)}
+            "plan": None if plan is None else _plan(plan, finished), "skipped": list(skipped),
+            "failed": dict(failed or {})}
 
 
 def _plan(run_ids, finished):
@@ -204,10 +219,16 @@ def results_table(cells):
 
 
 def skipped_lines(summary):
-    """The broken run folders a summary skipped, as a markdown list (nothing when none)."""
-    if not summary["skipped"]:
-        return ""
-    return "\nSkipped (broken) runs:\n" + "".join(f"- {line}\n" for line in summary["skipped"])
+    """The broken run folders a summary skipped and the unfinished runs whose last attempt
+    failed, with why, as markdown lists (nothing when none)."""
+    text = ""
+    if summary["skipped"]:
+        text += "\nSkipped (broken) runs:\n" + "".join(f"- {line}\n" for line in summary["skipped"])
+    failed = summary.get("failed") or {}
+    if failed:
+        text += (f"\nFailed ({len(failed)} unfinished runs; why their last attempt ended):\n"
+                 + "".join(f"- {run_id}: {why}\n" for run_id, why in failed.items()))
+    return text
 
 
 def comparison_histories(summary):

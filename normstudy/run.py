@@ -129,6 +129,29 @@ def read_record(run_dir):
     return record
 
 
+FAILURE_FILE = "failure.json"  # why a run's last attempt failed; removed when the run finishes
+
+
+def note_failure(run_dir, *, reason, details=""):
+    """Write ``failure.json`` in ``run_dir`` (if the folder exists): ``reason`` (one line) and
+    ``details`` (a traceback) of the run's last failed attempt, and when. A grid stopped or killed
+    before its end (when its runner reports failures) still says why its missing runs are missing
+    (:func:`report.load_failures`); the run's next attempt that finishes removes it."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        checkpoints.write_json(run_dir / FAILURE_FILE, {"reason": reason, "details": details,
+                                                        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def read_failure(run_dir):
+    """The one-line reason of ``run_dir``'s last failed attempt, or ``None`` (none, or unreadable)."""
+    try:
+        reason = json.loads((Path(run_dir) / FAILURE_FILE).read_text())["reason"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return reason if isinstance(reason, str) else None
+
+
 def summary_figures(history):
     """The final figures of one history: last, mean and worst of the last 3 epochs, best epoch,
     last training accuracy, steady seconds per epoch (the median: the first carries warm-up)."""
@@ -312,6 +335,7 @@ def finish_run(config, run_dir, *, model, history, runtime, device, dataset, fig
         if figures:
             write_run_figures(run_dir, record, model=model, device=device, dataset=dataset)
     checkpoints.write_json(Path(run_dir) / "record.json", record)  # last: the run is finished
+    (Path(run_dir) / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's failure is history
     if record["collapsed"]:  # a run at chance ends without error: say so
         log(f"{config.run_id}: {collapse_line(record)}")
     return record

@@ -48,7 +48,8 @@ def write_summary(out, *, kind=None, plan=None, figures=True, reference=None):
         if not records:
             return None
         summary = report.summarize(records, kind=folder_kind(previous) or kind,
-                                   plan=plan if plan is not None else folder_plan(previous), skipped=skipped)
+                                   plan=plan if plan is not None else folder_plan(previous), skipped=skipped,
+                                   failed=report.load_failures(out))
         checkpoints.write_json(out / "summary.json", summary)
         text = markdown(summary)
         checkpoints.write_text(out / "results.md", text)

@@ -181,6 +181,27 @@ def test_concurrent_runs_give_the_same_records_and_failures(tmp_path, tiny_data,
     assert results[1] == results[2] and len(results[1]) == 4
 
 
+def test_a_failed_run_says_why_in_its_folder_and_in_the_summary(tmp_path, tiny_data):
+    """A grid killed before its end never reports its failures: each failed run's folder says
+    why (failure.json), the summary lists it, and a later attempt that finishes removes it."""
+    diverging = RunConfig(norm="bn", seed=0, batch_size=64, epochs=1, data="synthetic",
+                          overrides=(("lr_per_32", 1e6),))
+    grid = small_grid(norms=("gn",)) + [diverging]
+    with pytest.raises(runners.RunsFailed):
+        study.run_grid(grid, tmp_path, runner=LocalRunner(figures=False), progress=False)
+    note = json.loads((tmp_path / diverging.run_id / "failure.json").read_text())
+    assert note["reason"].startswith("diverged: ") and "Traceback" in note["details"] and note["when"]
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {diverging.run_id: note["reason"]}
+    assert f"- {diverging.run_id}: diverged: " in (tmp_path / "results.md").read_text()
+
+    later = small_grid(norms=("bn",))[0]  # failed once (say, out of memory), then finished
+    (tmp_path / later.run_id).mkdir()
+    run_lib.note_failure(tmp_path / later.run_id, reason="OutOfMemoryError: CUDA out of memory")
+    study.run_grid([later], tmp_path, runner=LocalRunner(figures=False), progress=False)
+    assert not (tmp_path / later.run_id / "failure.json").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {diverging.run_id: note["reason"]}
+
+
 def test_stopping_threaded_runs_keeps_their_checkpoints(tmp_path, tiny_data):
     grid = small_grid(norms=("bn", "ln", "gn"), epochs=2)
 

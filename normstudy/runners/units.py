@@ -14,12 +14,14 @@ What a run computes does not depend on any of this (see :mod:`normstudy.runners.
 """
 import contextlib
 import threading
+import traceback
 from pathlib import Path
 
 import torch
 
 from .. import run as run_lib
 from ..runtime import DEVICE_LOCK
+from .base import failure_line
 
 
 class Stopped(BaseException):
@@ -109,18 +111,31 @@ def run_unit(unit, out, *, dataset, device, runtime, figures=True, log=None, epo
             epoch_hook()
     if len(unit) > 1:
         from .. import stack as stack_lib
-        return stack_lib.train_stack(unit, out, dataset=dataset, device=device, runtime=runtime, resume=True,
-                                     figures=figures, log=say)
+        outcomes = stack_lib.train_stack(unit, out, dataset=dataset, device=device, runtime=runtime, resume=True,
+                                         figures=figures, log=say)
+        note_failures(outcomes, out)
+        return outcomes
     config = unit[0]
     try:
-        record = run_lib.run_one(config, out, dataset=dataset, device=device, runtime=runtime, resume=True,
-                                 figures=figures, progress=False,
-                                 log=lambda line: say(line, prefix=f"{config.run_id}: "))
+        outcomes = [(config, run_lib.run_one(config, out, dataset=dataset, device=device, runtime=runtime,
+                                             resume=True, figures=figures, progress=False,
+                                             log=lambda line: say(line, prefix=f"{config.run_id}: ")))]
     except Stopped:
         raise
     except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
-        return [(config, err)]
-    return [(config, record)]
+        outcomes = [(config, err)]
+    note_failures(outcomes, out)
+    return outcomes
+
+
+def note_failures(outcomes, out):
+    """Each failed run's reason in its folder (:func:`run.note_failure`), where the runner's own
+    report may never come (a grid killed before its end). Not for a run another command holds
+    (no failure) or a folder that belongs to another configuration (not this run's to write in)."""
+    for config, outcome in outcomes:
+        if isinstance(outcome, Exception) and not isinstance(outcome, run_lib.RunFolderError):
+            run_lib.note_failure(Path(out) / config.run_id, reason=failure_line(outcome),
+                                 details="".join(traceback.format_exception(outcome)))
 
 
 @contextlib.contextmanager
