@@ -1,6 +1,7 @@
 """Where a run's start-up seconds go: each stage of a run, timed alone, in a fresh process.
 
     python benchmarks/startup.py --data-dir /root/data --norm bn [--runtime '{"compile": true}']
+    python benchmarks/startup.py --data-dir /root/data --norm bn --profile prepare.txt   # where set-up goes
 
 Runs the stages that a run goes through before its steady epochs, in order (through the same
 ``fit.prepare`` that ``fit.fit`` calls), each ended by
@@ -33,11 +34,17 @@ folder):
     summary       the folder's ``summary.json``, ``results.md`` and figures
     exit          (printed by the parent) the process's end: its wall less the child's ``total``
     wall          (printed by the parent) the whole process
+
+With ``--profile FILE``, the run's set-up (``fit.prepare``: to the device, the Triton kernels'
+compile and self-check, loaders) runs under ``cProfile`` and FILE gets its 40 most expensive
+calls by cumulative time (the stages' seconds then include the profiler's overhead). cProfile
+sees the calling thread only: kernels compiled on worker threads show as the wait for them.
 """
 import time
 
 START = time.time()
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -75,8 +82,9 @@ def measure(args):
     model = models.fresh_model(norm, recipe, train_images=dataset["train_images"], seed=0)
     lap("model")
     # The run's own set-up, stage by stage (to_device, compile_triton_kernels, loaders).
-    training = fit.prepare(model, dataset, recipe=recipe, device=device, seed=0, norm=norm,
-                           runtime=json.loads(args.runtime or "{}"), on_stage=lambda name: lap(name, sync))
+    with profiled(args.profile):
+        training = fit.prepare(model, dataset, recipe=recipe, device=device, seed=0, norm=norm,
+                               runtime=json.loads(args.runtime or "{}"), on_stage=lambda name: lap(name, sync))
     runtime = training.runtime
     images, labels = next(iter(training.train_loader))
     scratch = copy.deepcopy(model)
@@ -107,6 +115,27 @@ def measure(args):
     gc.freeze()  # as a command does once its work is done (stopping.work_done), so "exit" is a command's
     stages["total"] = round(time.time() - (args.spawn_time or START), 3)
     print(json.dumps({"norm": norm, "runtime": runtime, "seconds": stages, "test_acc_epoch_2": accuracy}), flush=True)
+
+
+@contextlib.contextmanager
+def profiled(path):
+    """Run the body under cProfile and write its 40 most expensive calls (cumulative) to ``path``;
+    nothing when ``path`` is ``None``."""
+    if path is None:
+        yield
+        return
+    import cProfile
+    import io
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        Path(path).write_text(text.getvalue())
 
 
 def end_of_run(folder, *, model, training, dataset, device, norm, history, lap, sync):
@@ -143,6 +172,7 @@ def main():
     p.add_argument("--norm", default="bn")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", help="JSON overrides of the fast runtime (normstudy.runtime)")
+    p.add_argument("--profile", metavar="FILE", help="profile the run's set-up (fit.prepare) into FILE")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spawn-time", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -153,6 +183,8 @@ def main():
            "--device", args.device, "--spawn-time", repr(time.time())]
     if args.runtime:
         cmd += ["--runtime", args.runtime]
+    if args.profile:
+        cmd += ["--profile", str(Path(args.profile).resolve())]
     start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - start
