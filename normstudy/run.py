@@ -134,9 +134,10 @@ FAILURE_FILE = "failure.json"  # why a run's last attempt failed; removed when t
 
 def note_failure(run_dir, *, reason, details=""):
     """Write ``failure.json`` in ``run_dir`` (if the folder exists): ``reason`` (one line) and
-    ``details`` (a traceback) of the run's last failed attempt, and when. A grid stopped or killed
-    before its end (when its runner reports failures) still says why its missing runs are missing
-    (:func:`report.load_failures`); the run's next attempt that finishes removes it."""
+    ``details`` (a traceback) of the run's last failed attempt, and when. A runner reports its
+    failures when its grid ends; a grid stopped or killed before then still says, through these
+    files, why its missing runs are missing (:func:`report.load_failures`). The run's next attempt
+    that finishes removes the file."""
     run_dir = Path(run_dir)
     if run_dir.is_dir():
         checkpoints.write_json(run_dir / FAILURE_FILE, {"reason": reason, "details": details,
