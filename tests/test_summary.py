@@ -234,3 +234,17 @@ def test_summary_module_is_the_only_writer():
     writers = sorted(str(path.relative_to(root)) for path in root.rglob("*.py")
                      if '"summary.json"' in path.read_text() and "write_json" in path.read_text())
     assert writers == ["summary.py"]
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (Path(__file__).resolve().parent.parent
+                                                                   / "results").glob("*/summary.json")))
+def test_each_committed_summary_is_what_the_summary_writer_writes_today(folder, tmp_path):
+    """`normstudy summarize results/X` (a README command) must leave a fresh clone's `git status`
+    clean: a committed summary.json from an older schema (one without "failed") failed that."""
+    source = Path(__file__).resolve().parent.parent / "results" / folder
+    for path in (source / "summary.json", *source.glob("*/record.json"), *source.glob("*/failure.json")):
+        target = tmp_path / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    summary_lib.write_summary(tmp_path, figures=False)
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads((source / "summary.json").read_text())
