@@ -55,7 +55,7 @@ def _unpickle(path):
     """The pickle at ``path``; a dict's keys as str whichever Python wrote it. The original release
     is Python 2's: its arrays' bytes are Python 2 str, which ``encoding="latin1"`` (torchvision's
     choice) decodes to a 30 MB str for numpy to encode back, 4-5x the time of ``encoding="bytes"``
-    (0.07-0.13 s against 0.02-0.03 s a file on a 2-core CPU; ~0.16 s a file on the H200's host)."""
+    (0.07-0.13 s against 0.02-0.03 s a file on a 2-core CPU)."""
     try:
         with open(path, "rb") as f:
             record = _SafeUnpickler(f, encoding="bytes").load()
