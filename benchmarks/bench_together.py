@@ -27,6 +27,7 @@ seconds and the stack table.
 """
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import tempfile
@@ -107,22 +108,20 @@ def main():
         args.batch_sizes, args.concurrency, args.epochs, args.train_images = [64, 128], 3, 1, 256
         args.sample, args.device = 0.05, "cpu"
     configs = grid(args.batch_sizes, epochs=args.epochs, order=args.order)
-    start = time.perf_counter()
-    log_file = open(args.log, "a") if args.log else None
-
-    def log(line):
-        if log_file is not None:
-            print(f"[{time.perf_counter() - start:8.1f} s] {line}", file=log_file, flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-together-") as root:
+    with contextlib.ExitStack() as resources:
+        log_file = resources.enter_context(open(args.log, "a")) if args.log else None
+        root = resources.enter_context(tempfile.TemporaryDirectory(prefix="bench-together-"))
         data.write_synthetic_cifar10(root, n_train=args.train_images, n_test=256 if args.smoke else 10_000)
         start = time.perf_counter()
+
+        def log(line):
+            if log_file is not None:
+                print(f"[{time.perf_counter() - start:8.1f} s] {line}", file=log_file, flush=True)
         with StackSampler(args.sample) as sampler:
             records = study.run_grid(configs, Path(root) / "out", runner=LocalRunner(args.concurrency, log=log,
                                                                                      figures=False),
                                      data_dir=root, download=False, device=args.device, progress=False)
         wall = time.perf_counter() - start
-    if log_file is not None:
-        log_file.close()
     result = {"batch_sizes": args.batch_sizes, "concurrency": args.concurrency, "epochs": args.epochs,
               "train_images": args.train_images, "order": args.order, "wall_s": round(wall, 1),
               "runs": {record["id"]: [round(s, 2) for s in record["history"]["epoch_seconds"]] for record in records},
