@@ -173,26 +173,55 @@ class RecordingLock:
     run's set-up (compiling Triton kernels while another thread launches them gave a self-check
     error of 130 % there). So every run's CUDA work holds this lock shared (:meth:`work`) and
     those steps hold it alone (:meth:`recording`, :meth:`alone`); a waiting one goes before new
-    work, so it waits at most for the epochs under way. They happen a few times per run, at its
-    start. With one run per process the lock never waits."""
+    work. They happen twice per run, at its start. With one run per process the lock never waits.
+
+    An epoch is long (tens of seconds for a small batch among many runs), so one holding the
+    lock shared lets a waiting one go first between its graph replays (:meth:`let_waiting_go`):
+    a run's start then waits for one replay of each run at work, not for all their epochs. Found on
+    the H200 (``benchmarks/bench_together.py``, 36 runs, 27 at once): without it the run threads
+    spent 40 % of their time waiting to record and 17 % waiting to start an epoch."""
 
     def __init__(self):
         self._changed = threading.Condition()
         self._working = 0
         self._recording = False
         self._waiting = 0
+        self._depth = threading.local()  # how many times this thread holds the lock shared
+
+    def _held(self):
+        return getattr(self._depth, "count", 0)
 
     @contextlib.contextmanager
     def work(self):
         with self._changed:
             self._changed.wait_for(lambda: not self._recording and not self._waiting)
             self._working += 1
+        self._depth.count = self._held() + 1
         try:
             yield
         finally:
+            self._depth.count = self._held() - 1
             with self._changed:
                 self._working -= 1
                 self._changed.notify_all()
+
+    def let_waiting_go(self, *, finish=None):
+        """Called while holding :meth:`work` once: if a thread waits to hold the lock alone, call
+        ``finish()`` (e.g. synchronize this thread's stream, so that the one going first has the
+        GPU to itself, as it would after an epoch), step aside until it is done, and take the lock
+        shared again; returns whether it did. Nothing happens when no one waits (one read of a
+        counter: cheap enough between two graph replays) or when this thread holds the lock
+        shared more than once (the waiting one could never go: stepping aside would deadlock)."""
+        if not self._waiting or self._held() != 1:
+            return False
+        if finish is not None:
+            finish()
+        with self._changed:
+            self._working -= 1
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: not self._recording and not self._waiting)
+            self._working += 1
+        return True
 
     def alone(self):
         """Hold the lock alone: no other thread's CUDA work runs meanwhile."""

@@ -374,6 +374,59 @@ def test_recording_waits_for_running_work_and_new_work_waits_for_recording():
     assert events == ["a start", "a end", "record", "recorded", "b start", "b end"]
 
 
+def test_a_waiting_recording_goes_between_the_replays_of_an_epoch_under_way():
+    """runtime.RecordingLock.let_waiting_go: found on the H200 (bench_together.py, 27 runs at once),
+    a run's start waited for every other run's whole epoch (tens of seconds at small batches) and
+    held up every epoch meanwhile. An epoch now steps aside between two replays: the recording
+    waits for one replay, after the epoch's own work is finished (``finish``), and the epoch goes
+    on after it."""
+    import threading
+    import time
+    from normstudy.runtime import RecordingLock
+    lock, events, working = RecordingLock(), [], threading.Event()
+
+    def epoch():
+        with lock.work():
+            working.set()
+            for replay in range(20):
+                time.sleep(0.02)
+                lock.let_waiting_go(finish=lambda r=replay: events.append(f"finish after {r}"))
+            events.append("epoch end")
+
+    def record():
+        working.wait()
+        with lock.recording():
+            events.append("record")
+
+    threads = [threading.Thread(target=epoch), threading.Thread(target=record)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert events[-1] == "epoch end" and "record" in events, events
+    at = events.index("record")
+    assert at > 0 and events[at - 1].startswith("finish after") and int(events[at - 1].split()[-1]) < 19, events
+
+
+def test_work_held_twice_never_steps_aside():
+    """A thread that holds the lock shared twice must not step aside: the waiting one would wait
+    for its other hold, and it for the waiting one (a deadlock)."""
+    import threading
+    from normstudy.runtime import RecordingLock
+    lock, started = RecordingLock(), threading.Event()
+    with lock.work(), lock.work():
+        recorder = threading.Thread(target=lambda: (started.set(), lock.recording().__enter__()), daemon=True)
+        recorder.start()
+        started.wait()
+        for _ in range(100):  # until the recorder waits
+            if lock._waiting:
+                break
+            threading.Event().wait(0.01)
+        assert lock._waiting == 1
+        assert lock.let_waiting_go(finish=lambda: pytest.fail("stepped aside while held twice")) is False
+    assert lock.let_waiting_go() is False  # not held: nothing to give
+
+
 def test_graph_warm_up_stays_inside_a_small_epoch(dataset):
     """The warm-up before recording a graph (fast.graph_epoch) takes several steps of one batch
     size: each must read images inside the epoch even where they do not fit one after another (a

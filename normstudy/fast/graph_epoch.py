@@ -143,10 +143,12 @@ class GraphEpoch:
         :meth:`runtime.RecordingLock.work` (it takes the lock alone)."""
         if not self.recorded:
             return
-        for key, count in self._shapes():
-            if count and key not in self.graphs:
-                with DEVICE_LOCK.recording():
-                    self.graphs[key] = self._record(*key)
+        missing = [key for key, count in self._shapes() if count and key not in self.graphs]
+        if not missing:
+            return
+        with DEVICE_LOCK.recording():  # once for all: each time the lock is held alone, every run pauses
+            for key in missing:
+                self.graphs[key] = self._record(*key)
 
     def _replay(self, key):
         if not self.recorded:  # nothing to record: run the same steps directly (CPU, tests)
@@ -173,6 +175,8 @@ class GraphEpoch:
         for key, count in self._shapes():
             for _ in range(count):
                 self._replay(key)
+                if self.recorded:  # another run's set-up waits: let it go first (runtime.RecordingLock)
+                    DEVICE_LOCK.let_waiting_go(finish=torch.cuda.current_stream().synchronize)
         steps = self.full_batches + bool(self.last_batch)
         self.scheduler.last_epoch += steps
         self.scheduler._apply()  # the lr tensors now hold the next step's rate, as after the plain loop
