@@ -23,6 +23,7 @@ modules instead and says so once, in one line on stderr (:func:`kernels_off`).
 """
 import contextlib
 import importlib.util
+import os
 import sys
 import threading
 
@@ -243,6 +244,27 @@ class RecordingLock:
 
 
 DEVICE_LOCK = RecordingLock()  # one per process: CUDA graph capture is a process-wide affair
+
+
+# CUDA gives a process 8 hardware work queues by default; the streams of more runs than that share
+# them, and a stream's kernels wait behind another's in the same queue. On the H200 (27 runs at
+# once, batches 2-512, benchmarks/bench_together.py) 32 queues took a pass from 68.0 to 44.5 s, and
+# from 62.3 to 38.0 s with the lock's fix (benchmarks/NOTES.md). CUDA reads the variable when the
+# process's context is created, so it must be set before.
+QUEUES_VARIABLE = "CUDA_DEVICE_MAX_CONNECTIONS"
+MANY_QUEUES = 32  # CUDA's most
+DEFAULT_QUEUES = 8
+
+
+def ask_for_queues(concurrency, *, environ=os.environ):
+    """Before CUDA starts in a process that trains ``concurrency`` runs at once: ask for
+    :data:`MANY_QUEUES` hardware queues where more runs than the default 8 share the GPU. A value
+    the user set is kept; where CUDA has started already (a notebook that trained before) the
+    variable would change nothing, so it is left alone. Returns the value set, or ``None``."""
+    if concurrency <= DEFAULT_QUEUES or QUEUES_VARIABLE in environ or torch.cuda.is_initialized():
+        return None
+    environ[QUEUES_VARIABLE] = str(MANY_QUEUES)
+    return environ[QUEUES_VARIABLE]
 
 
 # --- start-up ---------------------------------------------------------------------------------------

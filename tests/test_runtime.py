@@ -454,3 +454,27 @@ def test_no_head_start_where_the_run_takes_pytorchs_modules(monkeypatch, capsys)
     fit_lib.compile_ahead(run_lib.network(RunConfig(norm="gn", order="norm-relu")), device, FP32_KERNELS)
     fit_lib.compile_ahead(run_lib.network(RunConfig(norm="bn")), "cpu", "eager")
     assert calls == [] and said(capsys) == []
+
+
+def test_many_runs_at_once_ask_cuda_for_more_hardware_queues(monkeypatch):
+    """27 runs at once on the H200 shared CUDA's default 8 hardware queues: 32 took a pass of
+    bench_together.py from 62 to 38 s. More than 8 runs at once ask for 32, before CUDA starts;
+    a user's own value, a CUDA already started and 8 runs or fewer leave the variable alone."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    environ = {}
+    assert runtime_lib.ask_for_queues(8, environ=environ) is None and environ == {}
+    assert runtime_lib.ask_for_queues(9, environ=environ) == "32" and environ == {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}
+    mine = {"CUDA_DEVICE_MAX_CONNECTIONS": "16"}
+    assert runtime_lib.ask_for_queues(27, environ=mine) is None and mine == {"CUDA_DEVICE_MAX_CONNECTIONS": "16"}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    late = {}
+    assert runtime_lib.ask_for_queues(27, environ=late) is None and late == {}
+
+
+def test_the_local_runner_asks_for_queues_before_the_data_goes_to_the_device(monkeypatch):
+    from normstudy.runners import local
+    asked = []
+    monkeypatch.setattr(runtime_lib, "ask_for_queues", lambda concurrency: asked.append(concurrency))
+    monkeypatch.setattr(runtime_lib, "pick_device", lambda name: (_ for _ in ()).throw(RuntimeError(f"after {asked}")))
+    with pytest.raises(RuntimeError, match=r"after \[12\]"):
+        local.LocalRunner(12).run([object()], out="unused", on_record=print)

@@ -108,6 +108,7 @@ class LocalRunner:
         configs = list(configs)
         if not configs:
             return
+        runtime_lib.ask_for_queues(self.concurrency)  # before the data goes to the GPU and CUDA starts
         device = runtime_lib.pick_device(device) if isinstance(device, str) else torch.device(device)
         datasets = self._load_datasets(configs, data_dir=data_dir, download=download, device=device)
         options = dict(out=out, datasets=datasets, device=device, runtime=runtime)
