@@ -172,11 +172,14 @@ class GraphEpoch:
         for tensor in (self.position, self.batch_index, self.loss_sum, self.correct):
             tensor.zero_()
         self.first_bad.fill_(-1)
+        # Between replays, another run's set-up that waits goes first (runtime.RecordingLock),
+        # once this run's replays so far are done on its stream.
+        finish = torch.cuda.current_stream().synchronize if self.recorded else None
         for key, count in self._shapes():
             for _ in range(count):
                 self._replay(key)
-                if self.recorded:  # another run's set-up waits: let it go first (runtime.RecordingLock)
-                    DEVICE_LOCK.let_waiting_go(finish=torch.cuda.current_stream().synchronize)
+                if finish is not None:
+                    DEVICE_LOCK.let_waiting_go(finish=finish)
         steps = self.full_batches + bool(self.last_batch)
         self.scheduler.last_epoch += steps
         self.scheduler._apply()  # the lr tensors now hold the next step's rate, as after the plain loop
