@@ -2,6 +2,7 @@
 run's epochs, and where the runs' threads spend their time.
 
     python benchmarks/bench_together.py --batch-sizes 2 4 8 512 --concurrency 27 --epochs 2 --train-images 8192
+    python benchmarks/bench_together.py --batch-sizes 2 4 8 512 --concurrency 12 --stack 3 ...   # stacks of a norm's 3 seeds
     python benchmarks/bench_together.py --smoke          # a check of this script (CPU, tiny data)
 
 Why: on the H200 the whole batch grid at 27 runs at once (`study batch --concurrency 27`, batch 2,
@@ -12,7 +13,8 @@ The runs are the batch grid's (3 norms x 3 seeds) at each ``--batch-sizes``, tra
 the study's own code (``study.run_grid``, a ``LocalRunner`` of ``--concurrency`` threads) into a
 fresh folder, on synthetic data in CIFAR-10's format (``--train-images`` training images, 10,000
 test images). ``--order grid`` starts them in the study's order (seed by seed, large batches
-first), ``longest`` the most steps first.
+first), ``longest`` the most steps first. ``--stack K`` trains each norm's runs of a batch size as
+stacks of up to K (the grid has 3 a norm: its seeds); ``--concurrency`` then counts stacks.
 
 - Every epoch's line goes to ``--log`` as it comes, with the seconds since the start: a pass
   cut short still says how far each run got.
@@ -95,6 +97,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4, 8, 512])
     p.add_argument("--concurrency", type=int, default=27)
+    p.add_argument("--stack", type=int, default=1, help="runs a stack (LocalRunner's stack; 1: single runs)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-images", type=int, default=8192)
     p.add_argument("--order", choices=("grid", "longest"), default="longest")
@@ -119,14 +122,14 @@ def main():
                 print(f"[{time.perf_counter() - start:8.1f} s] {line}", file=log_file, flush=True)
         with StackSampler(args.sample) as sampler:
             records = study.run_grid(configs, Path(root) / "out", runner=LocalRunner(args.concurrency, log=log,
-                                                                                     figures=False),
+                                                                                     figures=False, stack=args.stack),
                                      data_dir=root, download=False, device=args.device, progress=False)
         wall = time.perf_counter() - start
-    result = {"batch_sizes": args.batch_sizes, "concurrency": args.concurrency, "epochs": args.epochs,
+    result = {"batch_sizes": args.batch_sizes, "concurrency": args.concurrency, "stack": args.stack, "epochs": args.epochs,
               "train_images": args.train_images, "order": args.order, "wall_s": round(wall, 1),
               "runs": {record["id"]: [round(s, 2) for s in record["history"]["epoch_seconds"]] for record in records},
               "stacks": sampler.table(), "samples": sampler.samples}
-    print(f"{len(records)} runs, {args.concurrency} at once, {args.epochs} epochs of {args.train_images} images: "
+    print(f"{len(records)} runs, {args.concurrency} {'stacks of ' + str(args.stack) if args.stack > 1 else 'runs'} at once, {args.epochs} epochs of {args.train_images} images: "
           f"{wall:.1f} s")
     for share, place in result["stacks"]:
         print(f"{share:6.1%}  {place}")

@@ -5,7 +5,8 @@ CUDA-graph replay and broken down by kernel (torch.profiler over eager steps).
 
 A mix is ``mixed`` (BN, LN, GN(2) in thirds: three segments per norm layer), one norm for all
 runs (``bn``, ``ln``, ``gnG``), ``split`` (the mixed runs as three stacks of one norm each,
-replayed side by side on three CUDA streams) or ``singles`` (K single mixed runs, each its own
+replayed side by side on three CUDA streams; ``--per-stack N`` cuts each norm's runs into stacks of
+at most N, e.g. a batch size's 9 runs of the batch grid as its three norms' stacks of 3 seeds) or ``singles`` (K single mixed runs, each its own
 model with the Triton kernels on its own stream: today's way). Random data, bf16, channels_last, the recipe's SGD; no data
 loading, no evaluation: this is the step alone, against which ``bench_stack.py``'s end-to-end
 figures can be read.
@@ -95,15 +96,25 @@ def graph_ms(steps, *, iters):
     return 1000 * (time.perf_counter() - start) / iters
 
 
-def steps_for(mix, k, *, batch, fused, channels_last, compile):
+def steps_for(mix, k, *, batch, fused, channels_last, compile, per_stack=None):
     """The steps a mix replays side by side: one stacked step, or several."""
     options = dict(batch=batch, device="cuda", fused=fused, channels_last=channels_last, compile=compile)
     specs = specs_for("mixed" if mix in ("split", "singles") else mix, k)
     if mix == "singles":
         return [make_step([spec], single=True, **{**options, "fused": True}) for spec in specs]
     if mix == "split":
-        return [make_step([spec for spec in specs if spec == kind], **options) for kind in dict.fromkeys(specs)]
+        return [make_step(stack, **options) for stack in split_stacks(specs, per_stack=per_stack)]
     return [make_step(specs, **options)]
+
+
+def split_stacks(specs, *, per_stack=None):
+    """``specs`` as stacks of one norm each, at most ``per_stack`` runs a stack (None: one stack a norm)."""
+    stacks = []
+    for kind in dict.fromkeys(specs):
+        same = [spec for spec in specs if spec == kind]
+        size = per_stack or len(same)
+        stacks += [same[i:i + size] for i in range(0, len(same), size)]
+    return stacks
 
 
 def kernel_table(step, *, rows):
@@ -128,20 +139,24 @@ def main():
     p.add_argument("--fused", action="store_true", help="the Triton kernels (models.use_triton_kernels)")
     p.add_argument("--nchw", action="store_true")
     p.add_argument("--compile", action="store_true", help="the stacked model through torch.compile")
+    p.add_argument("--per-stack", type=int, help="with the split mix: at most this many runs a stack")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN's autotuner (grouped convolutions)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--json", help="append one line of results per case to this file")
     args = p.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     for batch in args.batch:
         for k in args.stacks:
             for mix in args.mixes:
                 begin = time.perf_counter()
                 steps = steps_for(mix, k, batch=batch, fused=args.fused, channels_last=not args.nchw,
-                                  compile=args.compile)
+                                  compile=args.compile, per_stack=args.per_stack)
                 ms = graph_ms(steps, iters=args.iters)
                 setup = time.perf_counter() - begin
                 busy, kernels, table = kernel_table(steps[0], rows=args.rows)
-                line = dict(batch=batch, k=k, mix=mix, fused=args.fused, nchw=args.nchw, compile=args.compile,
+                line = dict(batch=batch, k=k, mix=mix, per_stack=args.per_stack, streams=len(steps),
+                            cudnn_benchmark=args.cudnn_benchmark, fused=args.fused, nchw=args.nchw, compile=args.compile,
                             graph_ms=round(ms, 4), setup_s=round(setup, 1), gpu_busy_ms=round(busy, 4), kernels=kernels,
                             model_steps_per_s=round(k * 1000 / ms, 1))
                 print(json.dumps(line))
