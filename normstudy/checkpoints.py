@@ -97,9 +97,12 @@ def write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def save_figure(path, fig):
+def save_figure(path, fig, *, tight=True):
+    """``fig`` as a PNG at ``path``, cropped to what it draws (``tight``: matplotlib then renders the
+    figure twice, once to measure it); a figure laid out by ``tight_layout`` fills its canvas
+    already, and ``tight=False`` saves it as it is, in one rendering (~0.1-0.2 s less a figure)."""
     import matplotlib.pyplot as plt
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight" if tight else None))
     plt.close(fig)
 
 

@@ -301,6 +301,46 @@ def _warm_up_quietly(device, then):
         pass
 
 
+def _triton_key():
+    """Triton's cache-key function (``triton_key``: in ``triton.runtime.cache`` since 3.3 or so,
+    in ``triton.compiler.compiler`` before), or ``None`` where Triton or the function is missing."""
+    for module in ("triton.runtime.cache", "triton.compiler.compiler"):
+        try:
+            key = getattr(importlib.import_module(module), "triton_key", None)
+        except ImportError:
+            continue
+        if callable(key):
+            return key
+    return None
+
+
+def triton_key_in_background():
+    """Triton's own cache key, computed on a daemon thread; returns the thread, or ``None`` where
+    there is no key to compute (no Triton).
+
+    Before Triton looks up any kernel in its cache it hashes its whole package, once a process
+    (``triton_key``: every compiler and language source file and the ~500 MB ``libtriton``):
+    0.92 s of a warm run's 1.42 s of kernel loading on the H200 (benchmarks/NOTES.md). File reads
+    and hashlib leave the GIL, so on a thread this overlaps the data's reading and the CUDA
+    context's creation instead of following them. The key is cached (``functools.lru_cache``) but
+    not locked: join the thread before the first kernel is compiled, or it is computed twice."""
+    if not triton_available():
+        return None
+    key = _triton_key()
+    if key is None:
+        return None
+    thread = threading.Thread(target=_quietly, args=(key,), name="triton-key", daemon=True)
+    thread.start()
+    return thread
+
+
+def _quietly(work):
+    try:
+        work()
+    except Exception:  # noqa: BLE001 - a head start only: whoever needs the key meets any such error itself
+        pass
+
+
 def warm_up_device_in_background(device, *, then=None):
     """:func:`warm_up_device` on a daemon thread, then ``then()`` there if given (a run's kernels:
     ``run.warm_up_in_background``), for a command to start before it reads the data (file reads

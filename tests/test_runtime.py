@@ -402,6 +402,38 @@ def test_train_command_joins_its_device_warm_up(tmp_path, monkeypatch):
     assert code == 2 and joined == [True]
 
 
+def test_tritons_cache_key_is_computed_on_a_thread_and_kept():
+    # Triton hashes its whole package (~500 MB) once a process before it looks any kernel up in
+    # its cache: 0.92 s of the H200's warm start, on the main thread until it moved to one of its
+    # own. The thread must leave the key in Triton's own cache, the value Triton computes itself.
+    key = runtime_lib._triton_key()
+    if key is None:
+        pytest.skip("no Triton (or no triton_key in this version)")
+    key.cache_clear()
+    thread = runtime_lib.triton_key_in_background()
+    thread.join()
+    assert thread.name == "triton-key" and key.cache_info().currsize == 1
+    value = key()
+    assert key.cache_info().hits == 1 and value.startswith(__import__("triton").__version__)
+
+
+def test_the_kernels_head_start_waits_for_tritons_key(monkeypatch):
+    # The key is cached but not locked: a compile that started before the key's thread ended would
+    # compute it again. On CUDA the head start joins the key's thread first; off CUDA it starts nothing.
+    events = []
+
+    class KeyThread:
+        def join(self):
+            events.append("key joined")
+
+    monkeypatch.setattr(runtime_lib, "triton_key_in_background", lambda: events.append("key started") or KeyThread())
+    monkeypatch.setattr(runtime_lib, "warm_up_device_in_background", lambda device, *, then: then() or "thread")
+    monkeypatch.setattr(fit_lib, "compile_ahead", lambda *args, **kw: events.append("compiled"))
+    assert run_lib.warm_up_in_background(RunConfig(norm="bn"), device="cpu") is None and events == []
+    assert run_lib.warm_up_in_background(RunConfig(norm="bn"), device="cuda") == "thread"
+    assert events == ["key started", "key joined", "compiled"]
+
+
 def test_device_warm_up_draws_no_random_numbers():
     # It may run while a run seeds and draws (train.py starts it before reading the data): a draw
     # would shift the run's random stream and break its bit-reproducibility.
