@@ -402,6 +402,26 @@ def test_train_command_joins_its_device_warm_up(tmp_path, monkeypatch):
     assert code == 2 and joined == [True]
 
 
+def test_a_ray_worker_of_many_runs_asks_cuda_for_more_queues_too(tmp_path, monkeypatch):
+    # The local runner asked for 32 queues from the start; Ray workers, each a process of its own
+    # with --concurrency runs at once, did not (found reading the code after the H200's numbers).
+    import os
+    import tempfile
+    from normstudy.runners import ray_worker
+    queues = runtime_lib.QUEUES_VARIABLE
+    for name in (queues, "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.setenv(name, "set by the test")  # each restored afterwards
+    monkeypatch.delenv(queues)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    ray_worker.Worker(device="cpu", data_dir=tmp_path, download=False, concurrency=27)
+    assert queues not in os.environ
+    ray_worker.Worker(device="cuda", data_dir=tmp_path, download=False, concurrency=2)
+    assert queues not in os.environ
+    ray_worker.Worker(device="cuda", data_dir=tmp_path, download=False, concurrency=27)
+    assert os.environ[queues] == "32"
+
+
 def test_tritons_cache_key_is_computed_on_a_thread_and_kept():
     # Triton hashes its whole package (~500 MB) once a process before it looks any kernel up in
     # its cache: 0.92 s of the H200's warm start, on the main thread until it moved to one of its

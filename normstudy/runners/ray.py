@@ -483,7 +483,8 @@ class _Pool:
         self.ready_args = dict(configs=data, plan=plan)
         self.handles = []
         for index in range(count):
-            actor = self.actor_class.remote(device=self.device, threads=threads, data_dir=data_dir, download=download)
+            actor = self.actor_class.remote(device=self.device, threads=threads, data_dir=data_dir, download=download,
+                                            concurrency=self.runs_per_worker)
             self.handles.append(_Handle(index, actor, self._ready(actor)))
 
     def _ready(self, actor):

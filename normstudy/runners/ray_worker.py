@@ -22,6 +22,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from .. import runtime as runtime_lib
 from ..config import RunConfig
 from . import units as units_lib
 from .base import failure_line, pack_run_folder, unpack_run_folder
@@ -30,9 +31,13 @@ from .base import failure_line, pack_run_folder, unpack_run_folder
 class Worker:
     """A Ray actor that trains several units at once, each call in its own thread (and CUDA
     stream). ``device``: ``"cuda"`` (the GPU Ray gave it) or ``"cpu"`` with ``threads`` torch
-    threads; ``data_dir``, ``download``: where its runs find CIFAR-10, as on the driver."""
+    threads; ``data_dir``, ``download``: where its runs find CIFAR-10, as on the driver;
+    ``concurrency``: units at once (more than 8 on a GPU ask CUDA for more hardware queues,
+    :func:`runtime.ask_for_queues`)."""
 
-    def __init__(self, *, device, threads=None, data_dir, download):
+    def __init__(self, *, device, threads=None, data_dir, download, concurrency=1):
+        if device == "cuda":  # before CUDA starts in this process, as the local runner does
+            runtime_lib.ask_for_queues(concurrency)
         self.cache_dir, self._cache_lock_file = _claim_cache_dir()
         os.environ["TRITON_CACHE_DIR"] = str(self.cache_dir / "triton")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir / "inductor")
