@@ -80,6 +80,14 @@ def _order(configs):
                                           c.norm_batch or 0, c.renorm, c.ws))
 
 
+def longest_first(configs):
+    """``configs`` with the most optimizer steps first (epochs over the batch size: the smallest
+    batches), in their own order among equals. For many runs at once (``--concurrency``): the
+    longest runs start first instead of last, where they would run on alone after the rest (the
+    grid ends sooner); a grid stopped early then has its longest runs half done, not whole seeds."""
+    return sorted(configs, key=lambda config: -config.epochs / config.batch_size)
+
+
 def batch_grid(norms=NORMS, batch_sizes=BATCH_SIZES, seeds=SEEDS, epochs=EPOCHS, *, gn_groups=None,
                data="cifar10"):
     """Every norm at every batch size and seed (Table 2): 3 x 9 x 3 = 81 runs by default.
@@ -251,6 +259,9 @@ def parse_args(argv=None, *, prog=PROG):
                         "of up to 32 runs and 4096 images a step where at least 27 runs share a norm, else single "
                         "runs. Default 1: on the H200 stacks of fewer than 27 runs are slower than --concurrency's "
                         "streams of single runs (benchmarks/NOTES.md)")
+    p.add_argument("--longest-first", action="store_true",
+                   help="start the runs with the most steps (the smallest batches) first, not seed by seed from the "
+                        "largest batch: with many runs at once the grid ends sooner")
     p.add_argument("--address", help="--runner ray: the Ray cluster's address (default: start a local one)")
     p.add_argument("--summary-only", action="store_true",
                    help="train nothing: rewrite the folder's summary.json, results.md and figures from its finished "
@@ -322,6 +333,8 @@ def _study(args, out, *, prog=PROG):
     """The study command's work: the grid (or only its summary), then its table. Failed runs end it
     with exit 3 once the others are done."""
     configs = configs_from_args(args)  # bad settings are refused before any data is read
+    if args.longest_first:
+        configs = longest_first(configs)
     held = summary_lib.folder_kind(report.load_summary(out)) if out.is_dir() else None
     if held not in (None, args.grid) and not args.quiet:
         print(f"{out} holds the {held} grid: its summary keeps that grid's tables and figures, over every finished "

@@ -364,6 +364,21 @@ def test_command_runs_a_smoke_grid(tmp_path, tiny_data, capsys):
     assert "| GN (G=4) |" in out and "gn-g4-b64-e1-s0-synthetic: test acc" in out
 
 
+def test_longest_first_starts_the_smallest_batches_and_keeps_the_grid_order_among_equals(tmp_path, monkeypatch, capsys):
+    # The whole grid at 27 runs at once on the H200: in the grid's order (seed by seed, largest
+    # batch first) the last seed's batch-2 runs start last and run on alone at the end.
+    grid = study.batch_grid(batch_sizes=(512, 8, 2), seeds=(0, 1))
+    ordered = study.longest_first(grid)
+    assert [c.batch_size for c in ordered] == [2] * 6 + [8] * 6 + [512] * 6
+    assert [c.run_id for c in ordered if c.batch_size == 2] == [c.run_id for c in grid if c.batch_size == 2]
+    started = []
+    monkeypatch.setattr(study, "run_grid", lambda configs, out, **kw: started.extend(configs))
+    code, _, err = run_main(["batch", "--smoke", "--batch-sizes", "512", "64", "--seeds", "0", "1", "--longest-first",
+                             "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert [c.batch_size for c in started] == [64] * 6 + [512] * 6 and started[0].seed == 0 and started[3].seed == 1
+
+
 @pytest.mark.parametrize("argv, pattern", [
     (["groups", "--groups", "3"], r"groups=3 must divide the 32 channels"),
     (["batch", "--groups", "1", "2"], r"--groups: the batch grid takes one group count"),
