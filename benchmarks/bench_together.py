@@ -2,7 +2,7 @@
 run's epochs, and where the runs' threads spend their time.
 
     python benchmarks/bench_together.py --batch-sizes 2 4 8 512 --concurrency 27 --epochs 2 --train-images 8192
-    python benchmarks/bench_together.py --batch-sizes 2 4 8 512 --concurrency 12 --stack 3 ...   # stacks of a norm's 3 seeds
+    python benchmarks/bench_together.py --batch-sizes 2 4 8 512 --concurrency 12 --stack 3   # a norm's 3 seeds a stack
     python benchmarks/bench_together.py --smoke          # a check of this script (CPU, tiny data)
 
 Why: on the H200 the whole batch grid at 27 runs at once (`study batch --concurrency 27`, batch 2,
@@ -125,11 +125,13 @@ def main():
                                                                                      figures=False, stack=args.stack),
                                      data_dir=root, download=False, device=args.device, progress=False)
         wall = time.perf_counter() - start
-    result = {"batch_sizes": args.batch_sizes, "concurrency": args.concurrency, "stack": args.stack, "epochs": args.epochs,
+    result = {"batch_sizes": args.batch_sizes, "concurrency": args.concurrency, "stack": args.stack,
+              "epochs": args.epochs,
               "train_images": args.train_images, "order": args.order, "wall_s": round(wall, 1),
               "runs": {record["id"]: [round(s, 2) for s in record["history"]["epoch_seconds"]] for record in records},
               "stacks": sampler.table(), "samples": sampler.samples}
-    print(f"{len(records)} runs, {args.concurrency} {'stacks of ' + str(args.stack) if args.stack > 1 else 'runs'} at once, {args.epochs} epochs of {args.train_images} images: "
+    units = f"stacks of {args.stack}" if args.stack > 1 else "runs"
+    print(f"{len(records)} runs, {args.concurrency} {units} at once, {args.epochs} epochs of {args.train_images} images: "
           f"{wall:.1f} s")
     for share, place in result["stacks"]:
         print(f"{share:6.1%}  {place}")

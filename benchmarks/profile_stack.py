@@ -5,11 +5,12 @@ CUDA-graph replay and broken down by kernel (torch.profiler over eager steps).
 
 A mix is ``mixed`` (BN, LN, GN(2) in thirds: three segments per norm layer), one norm for all
 runs (``bn``, ``ln``, ``gnG``), ``split`` (the mixed runs as three stacks of one norm each,
-replayed side by side on three CUDA streams; ``--per-stack N`` cuts each norm's runs into stacks of
-at most N, e.g. a batch size's 9 runs of the batch grid as its three norms' stacks of 3 seeds) or ``singles`` (K single mixed runs, each its own
-model with the Triton kernels on its own stream: today's way). Random data, bf16, channels_last, the recipe's SGD; no data
-loading, no evaluation: this is the step alone, against which ``bench_stack.py``'s end-to-end
-figures can be read.
+replayed side by side on three CUDA streams; ``--per-stack N`` cuts each norm's runs into stacks
+of at most N, e.g. a batch size's 9 runs of the batch grid as its norms' stacks of 3 seeds) or
+``singles`` (K single mixed runs, each its own model with the Triton kernels on its own stream:
+today's way). Random data, bf16, channels_last, the recipe's SGD; no data loading, no
+evaluation: this is the step alone, against which ``bench_stack.py``'s end-to-end figures can be
+read.
 """
 import argparse
 import json
@@ -131,6 +132,13 @@ def kernel_table(step, *, rows):
     return busy, kernels, events.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=60)
 
 
+def _at_least_one(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[2])
@@ -139,7 +147,7 @@ def main():
     p.add_argument("--fused", action="store_true", help="the Triton kernels (models.use_triton_kernels)")
     p.add_argument("--nchw", action="store_true")
     p.add_argument("--compile", action="store_true", help="the stacked model through torch.compile")
-    p.add_argument("--per-stack", type=int, help="with the split mix: at most this many runs a stack")
+    p.add_argument("--per-stack", type=_at_least_one, help="with the split mix: at most this many runs a stack")
     p.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN's autotuner (grouped convolutions)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--rows", type=int, default=12)
@@ -156,7 +164,8 @@ def main():
                 setup = time.perf_counter() - begin
                 busy, kernels, table = kernel_table(steps[0], rows=args.rows)
                 line = dict(batch=batch, k=k, mix=mix, per_stack=args.per_stack, streams=len(steps),
-                            cudnn_benchmark=args.cudnn_benchmark, fused=args.fused, nchw=args.nchw, compile=args.compile,
+                            cudnn_benchmark=args.cudnn_benchmark, fused=args.fused, nchw=args.nchw,
+                            compile=args.compile,
                             graph_ms=round(ms, 4), setup_s=round(setup, 1), gpu_busy_ms=round(busy, 4), kernels=kernels,
                             model_steps_per_s=round(k * 1000 / ms, 1))
                 print(json.dumps(line))

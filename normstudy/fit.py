@@ -72,6 +72,7 @@ def compile_kernels(model, device, runtime, *, image_shape):
     and no later run of this process tries them). ``image_shape`` is one image's (C, H, W)."""
     if not runtime["triton_kernels"]:
         return runtime
+    runtime_lib.TRITON_KEY.wait()  # a head start's, if any: computed here too, it would cost twice
     problem = self_check.compile_and_check(model, _kernel_example(device, image_shape),
                                            runtime_lib.AMP_DTYPES[runtime["amp"]])
     if problem is None:
@@ -80,6 +81,13 @@ def compile_kernels(model, device, runtime, *, image_shape):
     runtime = runtime_lib.without_kernels(runtime, getattr(model, "norm", None))
     prepare_model(model, device, runtime)
     return runtime
+
+
+def uses_kernels(model, device, runtime=None):
+    """Whether a run of ``model``'s network on ``device`` under ``runtime`` compiles the Triton
+    kernels (the runtime asks for them and the network has no part they do not implement)."""
+    resolved = resolve_runtime(torch.device(device), getattr(model, "norm", None), runtime)
+    return bool(resolved["triton_kernels"]) and not models.kernel_gaps(model)
 
 
 def compile_ahead(model, device, runtime=None, *, image_shape=data_lib.IMAGE_SHAPE):
@@ -92,10 +100,11 @@ def compile_ahead(model, device, runtime=None, *, image_shape=data_lib.IMAGE_SHA
     (:func:`run.warm_up_in_background`); holds :data:`DEVICE_LOCK` alone meanwhile, as
     :func:`fit` does for the same work."""
     device = torch.device(device)
-    runtime = resolve_runtime(device, getattr(model, "norm", None), runtime)
-    if not runtime["triton_kernels"] or models.kernel_gaps(model):
+    if not uses_kernels(model, device, runtime):
         return
+    runtime = resolve_runtime(device, getattr(model, "norm", None), runtime)
     with DEVICE_LOCK.alone():
+        runtime_lib.TRITON_KEY.wait()  # holding the lock: no other compile starts before the key is there
         model = prepare_model(model.to_empty(device=device), device, runtime)
         with torch.no_grad():
             for tensor in (*model.parameters(), *model.buffers()):

@@ -75,19 +75,15 @@ def network(config):
 def warm_up_in_background(config, *, device, runtime=None):
     """On CUDA, a daemon thread that readies the device for ``config``'s run while a command reads
     the data: the CUDA context and cuDNN (:func:`runtime.warm_up_device`), then the run's Triton
-    kernels compiled (:func:`fit.compile_ahead`: ~1 s of a run's set-up on the H200, warm cache),
-    Triton's cache key computed meanwhile on a thread of its own
-    (:func:`runtime.triton_key_in_background`). Draws no random numbers; errors are left for the
-    run to meet. Returns the thread (join it before the process ends), or ``None`` off CUDA."""
+    kernels compiled (:func:`fit.compile_ahead`: ~1 s of a run's set-up on the H200, warm cache);
+    meanwhile, on a thread of its own, Triton's cache key (:data:`runtime.TRITON_KEY`), if the run
+    uses the kernels. Draws no random numbers; errors are left for the run to meet. Returns the
+    thread (join it before the process ends), or ``None`` off CUDA."""
     if torch.device(device).type != "cuda":
         return None
-    key = runtime_lib.triton_key_in_background()
-
-    def compile_kernels():
-        if key is not None:
-            key.join()  # the key is cached, not locked: computed here too, it would cost twice
-        fit_lib.compile_ahead(network(config), device, runtime)
-    return runtime_lib.warm_up_device_in_background(device, then=compile_kernels)
+    runtime_lib.TRITON_KEY.start(when=lambda: fit_lib.uses_kernels(network(config), device, runtime))
+    return runtime_lib.warm_up_device_in_background(
+        device, then=lambda: fit_lib.compile_ahead(network(config), device, runtime))
 
 
 REQUIRED = ("config", "recipe", "device", "params", "final", "history")
@@ -355,11 +351,13 @@ def write_run_figures(run_dir, record, *, model, device, dataset):
     config = RunConfig.from_dict(record["config"])
     title = f"{config.label}, batch {config.batch_size}, seed {config.seed}"
     history = record["history"]
-    # Both figures are laid out by tight_layout: saved as they are, in one rendering each (every
-    # run, and the command's start-up, pays for them).
+    # The curves (12 inches wide, laid out by tight_layout) are saved as they are, in one rendering
+    # (every run, and the command's start-up, pays for it); the misclassified gallery is 5 inches
+    # wide, narrower than a long title (e.g. GroupNorm (16 groups), Conv→Norm→ReLU, ...), which
+    # only the tight crop keeps whole.
     with plots.FIGURE_LOCK:
         checkpoints.save_figure(Path(run_dir) / "curves.png", plots.loss_accuracy_curves(
             history["train_loss"], history["train_acc"], history["test_loss"], history["test_acc"], title=title),
             tight=False)
         checkpoints.save_figure(Path(run_dir) / "misclassified.png", plots.show_misclassified(
-            model, device, dataset, title=f"{title}: misclassified"), tight=False)
+            model, device, dataset, title=f"{title}: misclassified"))

@@ -314,24 +314,46 @@ def _triton_key():
     return None
 
 
-def triton_key_in_background():
-    """Triton's own cache key, computed on a daemon thread; returns the thread, or ``None`` where
-    there is no key to compute (no Triton).
+class TritonKey:
+    """Triton's own cache key, computed on a thread of its own ahead of the first compile.
 
     Before Triton looks up any kernel in its cache it hashes its whole package, once a process
     (``triton_key``: every compiler and language source file and the ~500 MB ``libtriton``):
     0.92 s of a warm run's 1.42 s of kernel loading on the H200 (benchmarks/NOTES.md). File reads
     and hashlib leave the GIL, so on a thread this overlaps the data's reading and the CUDA
-    context's creation instead of following them. The key is cached (``functools.lru_cache``) but
-    not locked: join the thread before the first kernel is compiled, or it is computed twice."""
-    if not triton_available():
-        return None
-    key = _triton_key()
-    if key is None:
-        return None
-    thread = threading.Thread(target=_quietly, args=(key,), name="triton-key", daemon=True)
-    thread.start()
-    return thread
+    context's creation instead of following them. Triton caches the key (``functools.lru_cache``)
+    but does not lock it: whoever compiles first calls :meth:`wait` (holding the device lock, so
+    that no compile starts meanwhile), or the key is computed twice at once."""
+
+    def __init__(self):
+        self._thread = None
+        self._started = threading.Lock()
+
+    def start(self, *, when):
+        """Compute the key on a daemon thread if ``when()`` (called there: e.g. whether the run
+        will use the kernels at all, which may ask CUDA for the GPU's capability) is true; once a
+        process. Returns the thread, or ``None`` without Triton."""
+        with self._started:
+            if self._thread is None and triton_available():
+                self._thread = threading.Thread(target=_quietly, args=(lambda: self._compute(when),),
+                                                name="triton-key", daemon=True)
+                self._thread.start()
+            return self._thread
+
+    @staticmethod
+    def _compute(when):
+        key = _triton_key() if when() else None
+        if key is not None:
+            key()
+
+    def wait(self):
+        """Until the key's thread (if one was started) has ended."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+TRITON_KEY = TritonKey()  # one per process, as Triton's own cache of the key
 
 
 def _quietly(work):

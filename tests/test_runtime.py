@@ -414,44 +414,77 @@ def test_a_ray_worker_of_many_runs_asks_cuda_for_more_queues_too(tmp_path, monke
     monkeypatch.delenv(queues)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    ray_worker.Worker(device="cpu", data_dir=tmp_path, download=False, concurrency=27)
-    assert queues not in os.environ
-    ray_worker.Worker(device="cuda", data_dir=tmp_path, download=False, concurrency=2)
-    assert queues not in os.environ
-    ray_worker.Worker(device="cuda", data_dir=tmp_path, download=False, concurrency=27)
-    assert os.environ[queues] == "32"
+    seen, workers = [], []
+    try:
+        for device, concurrency in (("cpu", 27), ("cuda", 2), ("cuda", 27)):
+            workers.append(ray_worker.Worker(device=device, data_dir=tmp_path, download=False, concurrency=concurrency))
+            seen.append(os.environ.get(queues))
+    finally:
+        for worker in workers:
+            worker._cache_lock_file.close()
+    assert seen == [None, None, "32"]
 
 
 def test_tritons_cache_key_is_computed_on_a_thread_and_kept():
     # Triton hashes its whole package (~500 MB) once a process before it looks any kernel up in
     # its cache: 0.92 s of the H200's warm start, on the main thread until it moved to one of its
-    # own. The thread must leave the key in Triton's own cache, the value Triton computes itself.
+    # own. The thread must leave the key in Triton's own cache, the value Triton computes itself;
+    # it starts once a process, and only computes where the run will use the kernels.
     key = runtime_lib._triton_key()
-    if key is None:
-        pytest.skip("no Triton (or no triton_key in this version)")
+    if key is None or not hasattr(key, "cache_clear"):
+        pytest.skip("no Triton, or its triton_key is not the cached function this version expects")
     key.cache_clear()
-    thread = runtime_lib.triton_key_in_background()
-    thread.join()
+    unused = runtime_lib.TritonKey()
+    unused.start(when=lambda: False)
+    unused.wait()
+    assert key.cache_info().currsize == 0
+    triton_key = runtime_lib.TritonKey()
+    thread = triton_key.start(when=lambda: True)
+    assert triton_key.start(when=lambda: True) is thread  # once
+    triton_key.wait()
     assert thread.name == "triton-key" and key.cache_info().currsize == 1
-    value = key()
-    assert key.cache_info().hits == 1 and value.startswith(__import__("triton").__version__)
+    assert key().startswith(__import__("triton").__version__) and key.cache_info().hits == 1
 
 
-def test_the_kernels_head_start_waits_for_tritons_key(monkeypatch):
-    # The key is cached but not locked: a compile that started before the key's thread ended would
-    # compute it again. On CUDA the head start joins the key's thread first; off CUDA it starts nothing.
+def test_the_head_start_computes_tritons_key_only_for_a_run_that_uses_the_kernels(monkeypatch):
+    # On CUDA the key's thread starts with the device's warm-up and asks, on its own thread, whether
+    # the run uses the kernels at all (fit.uses_kernels: runtime and network); off CUDA nothing starts.
+    started, asked = [], []
+    monkeypatch.setattr(runtime_lib.TRITON_KEY, "start", lambda *, when: started.append(when))
+    monkeypatch.setattr(runtime_lib, "warm_up_device_in_background", lambda device, *, then: "thread")
+    monkeypatch.setattr(fit_lib, "uses_kernels", lambda model, device, runtime: asked.append(
+        (type(model).__name__, str(device), runtime)) or True)
+    assert run_lib.warm_up_in_background(RunConfig(norm="bn"), device="cpu") is None and started == []
+    assert run_lib.warm_up_in_background(RunConfig(norm="bn"), device="cuda", runtime="fp16") == "thread"
+    assert len(started) == 1 and started[0]() is True and asked == [("CifarNet", "cuda", "fp16")]
+
+
+def test_a_compile_waits_for_tritons_key_holding_the_device_lock(monkeypatch):
+    # Triton caches the key but does not lock it: a compile that started while the key's thread
+    # still hashed would compute it again, at once. Both compiles (the head start and the run's
+    # own) wait for the thread first, holding the device lock alone, so that no compile starts
+    # before the key is there; where the run takes PyTorch's modules nothing waits.
+    device = kernels_device()
+    from normstudy.fast import kernels
     events = []
 
-    class KeyThread:
-        def join(self):
-            events.append("key joined")
-
-    monkeypatch.setattr(runtime_lib, "triton_key_in_background", lambda: events.append("key started") or KeyThread())
-    monkeypatch.setattr(runtime_lib, "warm_up_device_in_background", lambda device, *, then: then() or "thread")
-    monkeypatch.setattr(fit_lib, "compile_ahead", lambda *args, **kw: events.append("compiled"))
-    assert run_lib.warm_up_in_background(RunConfig(norm="bn"), device="cpu") is None and events == []
-    assert run_lib.warm_up_in_background(RunConfig(norm="bn"), device="cuda") == "thread"
-    assert events == ["key started", "key joined", "compiled"]
+    def wait():
+        events.append(("waited", runtime_lib.DEVICE_LOCK._recording))
+    monkeypatch.setattr(runtime_lib.TRITON_KEY, "wait", wait)
+    monkeypatch.setattr(kernels, "precompile", lambda *args, **kw: events.append("compiled ahead"))
+    monkeypatch.setattr(self_check, "compile_and_check", lambda *args: events.append("compiled") or None)
+    fit_lib.compile_ahead(run_lib.network(RunConfig(norm="bn")), device, FP32_KERNELS)
+    assert events == [("waited", True), "compiled ahead"]
+    model = models.fresh_model("bn", RunConfig(norm="bn").recipe, seed=0,
+                               train_images=data.load_synthetic_cifar10(n_train=64)["train_images"])
+    fit_lib.prepare_model(model, device, FP32_KERNELS)
+    events.clear()
+    with runtime_lib.DEVICE_LOCK.alone():  # as fit holds it
+        assert fit_lib.compile_kernels(model, device, FP32_KERNELS, image_shape=(3, 32, 32)) is FP32_KERNELS
+    assert events == [("waited", True), "compiled"]
+    events.clear()
+    fit_lib.compile_ahead(run_lib.network(RunConfig(norm="gn", order="norm-relu")), device, FP32_KERNELS)
+    assert events == []
 
 
 def test_device_warm_up_draws_no_random_numbers():
