@@ -292,13 +292,10 @@ def warm_up_device(device):
             torch.cuda.synchronize(device)
 
 
-def _warm_up_quietly(device, then):
-    try:
-        warm_up_device(device)
-        if then is not None:
-            then()
-    except Exception:  # noqa: BLE001 - a head start only: the run meets any such error itself and reports it
-        pass
+def _warm_up(device, then):
+    warm_up_device(device)
+    if then is not None:
+        then()
 
 
 def _triton_key():
@@ -356,10 +353,11 @@ class TritonKey:
 TRITON_KEY = TritonKey()  # one per process, as Triton's own cache of the key
 
 
-def _quietly(work):
+def _quietly(work, *args):
+    """``work(*args)`` on a head-start thread: any error is left for the run to meet and report."""
     try:
-        work()
-    except Exception:  # noqa: BLE001 - a head start only: whoever needs the key meets any such error itself
+        work(*args)
+    except Exception:  # noqa: BLE001 - a head start only: the run meets any such error itself and reports it
         pass
 
 
@@ -370,6 +368,6 @@ def warm_up_device_in_background(device, *, then=None):
     CUDA (nothing to warm)."""
     if torch.device(device).type != "cuda":
         return None
-    thread = threading.Thread(target=_warm_up_quietly, args=(device, then), name="device-warm-up", daemon=True)
+    thread = threading.Thread(target=_quietly, args=(_warm_up, device, then), name="device-warm-up", daemon=True)
     thread.start()
     return thread
