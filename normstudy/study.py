@@ -251,14 +251,14 @@ def parse_args(argv=None, *, prog=PROG):
                         f"(default: {REFERENCE}, if it has a summary)")
     p.add_argument("--runner", choices=RUNNERS, default="local", help="local (this process; default) or ray")
     p.add_argument("--concurrency", type=cli._positive_int,
-                   help="runs at once: with the local runner, threads of this process, a CUDA stream each "
-                        "(default 1); with Ray, per worker (default 2 on a GPU, 1 on CPUs)")
+                   help="runs at once (with --stack, stacks at once): with the local runner, threads of this "
+                        "process, a CUDA stream each (default 1); with Ray, per worker (default 2 on a GPU, 1 on CPUs)")
     p.add_argument("--stack", type=_stack_size, default=1, metavar="K",
                    help="train up to K runs of one norm that share a batch size as one stacked model (grouped "
                         "convolutions; each run still its own folder, checkpoints and record); auto: on CUDA, stacks "
                         "of up to 32 runs and 4096 images a step where at least 27 runs share a norm, else single "
-                        "runs. Default 1: on the H200 stacks of fewer than 27 runs are slower than --concurrency's "
-                        "streams of single runs (benchmarks/NOTES.md)")
+                        "runs. Default 1: on the H200 stacks of 3 side by side beat single runs on streams at batch 2 "
+                        "only (benchmarks/NOTES.md)")
     p.add_argument("--longest-first", action="store_true",
                    help="start the runs with the most steps (the smallest batches) first, not seed by seed from the "
                         "largest batch: with many runs at once the grid ends sooner")

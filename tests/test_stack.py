@@ -237,12 +237,14 @@ def test_plan_stacks_groups_runs_that_can_step_together():
 
 def test_the_local_runner_trains_stacks_and_delivers_every_record(small, tmp_path):
     datasets = {("cifar10", 0): small}
-    runner = LocalRunner(stack=2, figures=False)
+    lines = []
+    runner = LocalRunner(stack=2, figures=False, log=lines.append)
     runner._load_datasets = lambda configs, **kwargs: datasets
     records = []
     configs = CONFIGS[:2] + (RunConfig(norm="bn", seed=3, **COMMON),)
     runner.run(configs, out=tmp_path, device="cpu", on_record=records.append)
     assert sorted(r["id"] for r in records) == sorted(c.run_id for c in configs)
+    assert lines[0] == "3 runs as 1 stack of 2 and 1 single run; 1 unit at once (up to 2 runs)"
     # stacks of one norm: the two BatchNorm runs together, LayerNorm alone (an ordinary run)
     assert {r["id"]: r.get("stack", {}).get("size") for r in records} == {
         configs[0].run_id: 2, configs[2].run_id: 2, configs[1].run_id: None}
@@ -268,3 +270,13 @@ def test_the_study_command_trains_a_grid_as_stacks(tmp_path, capsys, monkeypatch
     assert code == 0, err
     assert stacks == [["bn-b512-e1-s0-synthetic", "bn-b512-e1-s1-synthetic"]]
     assert "2 of 2 runs finished" in (out / "results.md").read_text()  # --runner ray: tests/test_ray_runner.py
+
+
+def test_a_plan_says_that_concurrency_counts_stacks():
+    """``--stack 3 --concurrency 27`` trains 81 runs at once, not 27 (a device session asked for
+    the one meaning the other): the grid's first line says which."""
+    from normstudy.runners.units import describe
+    assert describe([["run"] * 3] * 27, at_once=27) == "81 runs as 27 stacks of 3; 27 stacks at once (up to 81 runs)"
+    assert describe([["run"] * 3] * 27, at_once=9) == "81 runs as 27 stacks of 3; 9 stacks at once (up to 27 runs)"
+    assert describe([["run"] * 3, ["run"] * 2, ["run"]], at_once=2) == (
+        "6 runs as 2 stacks of 2-3 and 1 single run; 2 units at once (up to 5 runs)")

@@ -113,6 +113,8 @@ class LocalRunner:
         datasets = self._load_datasets(configs, data_dir=data_dir, download=download, device=device)
         options = dict(out=out, datasets=datasets, device=device, runtime=runtime)
         units = self._units(configs, datasets=datasets, device=device)
+        if self.log is not None and len(units) < len(configs):
+            self.log(units_lib.describe(units, at_once=self.concurrency))
         if self.concurrency == 1 or len(units) == 1:
             failures = self._run_in_turn(units, on_record=on_record, **options)
         else:

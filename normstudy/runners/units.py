@@ -98,6 +98,26 @@ def plan_units(configs, stack, *, device, datasets):
     return stack_lib.plan_stacks(configs, size, min_size=least)
 
 
+def describe(units, *, at_once):
+    """One line saying how ``units`` train, ``at_once`` units at a time: ``"81 runs as 27 stacks of
+    3; 27 stacks at once (81 runs)"``. Said at a grid's start: with stacks, ``concurrency`` counts
+    stacks, not runs (a session once asked for 27 at once meaning runs and got 81)."""
+    runs = sum(len(unit) for unit in units)
+    stacks = [len(unit) for unit in units if len(unit) > 1]
+    singles = len(units) - len(stacks)
+    parts = []
+    if stacks:
+        sizes = f"{min(stacks)}" if min(stacks) == max(stacks) else f"{min(stacks)}-{max(stacks)}"
+        parts.append(f"{len(stacks)} stack{'s' * (len(stacks) != 1)} of {sizes}")
+    if singles:
+        parts.append(f"{singles} single run{'s' * (singles != 1)}")
+    at_once = min(at_once, len(units))
+    most = sum(sorted((len(unit) for unit in units), reverse=True)[:at_once])
+    what = "unit" if stacks and singles else "stack" if stacks else "run"
+    return (f"{runs} run{'s' * (runs != 1)} as {' and '.join(parts)}; {at_once} {what}{'s' * (at_once != 1)} "
+            f"at once (up to {most} run{'s' * (most != 1)})")
+
+
 def run_unit(unit, out, *, dataset, device, runtime, figures=True, log=None, epoch_hook=None):
     """Train ``unit`` (a list of configs: one run, or a stack) into ``out`` on ``dataset``,
     resuming what was interrupted; ``[(config, record or exception)]`` in the unit's order (a
