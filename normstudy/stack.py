@@ -61,6 +61,12 @@ AUTO_MEMORY_SHARE = 0.3
 # 9 (one norm) made 8,190 model-steps/s at batch 2 where 9 single runs on streams made 10,880;
 # a stack of 27 made 16,000-19,100 against 10,400 (benchmarks/NOTES.md, profile_stack.py).
 AUTO_MIN_RUNS = 27
+# ... except at batches of at most this size, where a norm's runs stack by threes however few share
+# it (the grids' 3 seeds): stacks of 3 side by side beat single runs with the Triton kernels on
+# streams at batch 2 (9 stacks of 3: 16,023 model-steps/s; 27 single runs: 11,262), not at batch 8
+# (9,782 against 10,400-10,900); batch 4 lies between and was not measured (H200, 2026-12-03).
+AUTO_SMALL_BATCH = 4
+AUTO_SMALL_STACK = 3
 
 
 def stack_key(config):
@@ -107,6 +113,25 @@ def plan_stacks(configs, size, *, min_size=1, mix_norms=False):
         for i in range(0, len(members), per):
             stack = sorted(members[i:i + per], key=_spec_order)
             stacks += [stack] if len(stack) >= min_size else [[config] for config in stack]
+    first = {config.run_id: k for k, config in enumerate(configs)}
+    return sorted(stacks, key=lambda stack: min(first[config.run_id] for config in stack))
+
+
+def plan_auto(configs, *, largest):
+    """The stacks ``"auto"`` means (one norm a stack, see :func:`plan_stacks`): where at least
+    :data:`AUTO_MIN_RUNS` runs can share a stack, stacks of up to ``largest(config)`` runs; else, at
+    batches of at most :data:`AUTO_SMALL_BATCH`, stacks of :data:`AUTO_SMALL_STACK` (fewer left over
+    train alone); else single runs."""
+    stacks = []
+    for group in plan_stacks(configs, max(1, len(configs))):  # every group of runs that can share a stack
+        if len(group) >= AUTO_MIN_RUNS:
+            stacks += plan_stacks(group, largest)
+        elif group[0].batch_size <= AUTO_SMALL_BATCH:
+            for i in range(0, len(group), AUTO_SMALL_STACK):
+                part = group[i:i + AUTO_SMALL_STACK]
+                stacks += [part] if len(part) == AUTO_SMALL_STACK else [[config] for config in part]
+        else:
+            stacks += [[config] for config in group]
     first = {config.run_id: k for k, config in enumerate(configs)}
     return sorted(stacks, key=lambda stack: min(first[config.run_id] for config in stack))
 

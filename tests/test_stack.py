@@ -6,6 +6,7 @@ The comparisons are in fp64: in fp32 a grouped convolution rounds differently fr
 history (seen: 0.03 in a training loss after 10 steps), which would say nothing about the stack.
 In fp64 the same histories agree to the rounding of the fp32 sums they are accumulated in (1e-7).
 """
+import collections
 import functools
 
 import pytest
@@ -280,3 +281,22 @@ def test_a_plan_says_that_concurrency_counts_stacks():
     assert describe([["run"] * 3] * 27, at_once=9) == "81 runs as 27 stacks of 3; 9 stacks at once (up to 27 runs)"
     assert describe([["run"] * 3, ["run"] * 2, ["run"]], at_once=2) == (
         "6 runs as 2 stacks of 2-3 and 1 single run; 2 units at once (up to 5 runs)")
+
+
+def test_auto_stacks_small_batches_by_threes_and_large_groups_whole():
+    """``--stack auto``: a batch size's 3 runs of a norm stack at batches up to 4 (stacks of 3 side
+    by side beat single runs at batch 2 on the H200, not at 8); 27 or more runs of a norm stack at
+    any batch; everything else trains alone."""
+    grid = [RunConfig(norm=norm, seed=seed, batch_size=batch, epochs=2)
+            for batch in (512, 8, 4, 2) for norm in ("bn", "ln", "gn") for seed in (0, 1, 2)]
+    many = [RunConfig(norm="bn", seed=seed, batch_size=16, epochs=2) for seed in range(28)]
+    four = [RunConfig(norm="gn", seed=seed, batch_size=2, epochs=3) for seed in range(4)]
+    units = stack_lib.plan_auto(grid + many + four, largest=lambda config: 32)
+    shape = collections.Counter((unit[0].batch_size, unit[0].epochs, len(unit)) for unit in units)
+    assert shape == {(512, 2, 1): 9, (8, 2, 1): 9, (4, 2, 3): 3, (2, 2, 3): 3, (16, 2, 28): 1,
+                     (2, 3, 3): 1, (2, 3, 1): 1}
+    assert all(len({config.norm for config in unit}) == 1 for unit in units)
+    assert [unit[0].run_id for unit in units][:9] == [config.run_id for config in grid[:9]]  # the grid's order
+    assert sorted(c.run_id for unit in units for c in unit) == sorted(c.run_id for c in grid + many + four)
+    from normstudy.runners.units import plan_units
+    assert plan_units(grid, "auto", device="cpu", datasets=None) == [[config] for config in grid]  # a CPU: alone

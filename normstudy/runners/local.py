@@ -14,9 +14,9 @@ dropout is 0.) How well runs overlap on a GPU is a matter of tuning, not of this
 With ``stack`` (an int, or ``"auto"``), runs that share a batch size and schedule train as stacks
 of up to that many runs, each stack one model (:mod:`normstudy.stack`); ``concurrency`` then
 counts stacks at once. Stacks hold runs of one norm (faster than mixed ones). ``"auto"`` stacks on
-CUDA only, and only groups of at least ``stack.AUTO_MIN_RUNS`` runs of one norm (smaller stacks
-lose to single runs on streams; :func:`stack.auto_size`); 1 is one run at a time, as before stacks
-existed. What trains together, and how, is :mod:`normstudy.runners.units`
+CUDA only, where it paid on the H200 (:func:`stack.plan_auto`: groups of at least
+``stack.AUTO_MIN_RUNS`` runs of one norm, and threes at the smallest batches; elsewhere small
+stacks lose to single runs on streams); 1 is one run at a time, as before stacks existed. What trains together, and how, is :mod:`normstudy.runners.units`
 (the Ray workers train the same units).
 
 Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``

@@ -83,19 +83,20 @@ def check_stack(stack):
 
 def plan_units(configs, stack, *, device, datasets):
     """What trains together: one run each (``stack=1``), or stacks of up to ``stack`` runs
-    (:func:`stack.plan_stacks`: runs of one norm a stack; ``"auto"``: :func:`stack.auto_size` for
-    ``device`` and the runs' data in ``datasets``, a mapping by :func:`data_key`, and only groups of
-    at least ``stack.AUTO_MIN_RUNS`` runs of one norm, the others single runs)."""
+    (:func:`stack.plan_stacks`: runs of one norm a stack; ``"auto"``: :func:`stack.plan_auto`, on
+    CUDA only, with :func:`stack.auto_size` for ``device`` and the runs' data in ``datasets``, a
+    mapping by :func:`data_key`)."""
     if stack == 1:
         return [[config] for config in configs]
     from .. import stack as stack_lib
-    size, least = stack, 1
-    if size == "auto":
-        least = stack_lib.AUTO_MIN_RUNS
+    if stack != "auto":
+        return stack_lib.plan_stacks(configs, stack)
+    if torch.device(device).type != "cuda":  # a CPU is busy with one model already
+        return [[config] for config in configs]
 
-        def size(config):
-            return stack_lib.auto_size(config, device=device, train_images=datasets[data_key(config)]["train_images"])
-    return stack_lib.plan_stacks(configs, size, min_size=least)
+    def largest(config):
+        return stack_lib.auto_size(config, device=device, train_images=datasets[data_key(config)]["train_images"])
+    return stack_lib.plan_auto(configs, largest=largest)
 
 
 def describe(units, *, at_once):
