@@ -16,8 +16,8 @@ of up to that many runs, each stack one model (:mod:`normstudy.stack`); ``concur
 counts stacks at once. Stacks hold runs of one norm (faster than mixed ones). ``"auto"`` stacks on
 CUDA only, where it paid on the H200 (:func:`stack.plan_auto`: groups of at least
 ``stack.AUTO_MIN_RUNS`` runs of one norm, and threes at the smallest batches; elsewhere small
-stacks lose to single runs on streams); 1 is one run at a time, as before stacks existed. What trains together, and how, is :mod:`normstudy.runners.units`
-(the Ray workers train the same units).
+stacks lose to single runs on streams); 1 is one run at a time, as before stacks existed. What
+trains together, and how, is :mod:`normstudy.runners.units` (the Ray workers train the same units).
 
 Stopping (Ctrl-C, SIGTERM) with ``concurrency=1`` interrupts the run at once, as ``train.py``
 does: its last complete epoch is in its checkpoint. With threads, the running runs stop at the

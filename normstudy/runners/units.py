@@ -101,7 +101,7 @@ def plan_units(configs, stack, *, device, datasets):
 
 def describe(units, *, at_once):
     """One line saying how ``units`` train, ``at_once`` units at a time: ``"81 runs as 27 stacks of
-    3; 27 stacks at once (81 runs)"``. Said at a grid's start: with stacks, ``concurrency`` counts
+    3; 27 stacks at once (up to 81 runs)"``. Said at a grid's start: with stacks, ``concurrency`` counts
     stacks, not runs (a session once asked for 27 at once meaning runs and got 81)."""
     runs = sum(len(unit) for unit in units)
     stacks = [len(unit) for unit in units if len(unit) > 1]
