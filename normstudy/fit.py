@@ -86,8 +86,13 @@ def compile_kernels(model, device, runtime, *, image_shape):
 def uses_kernels(model, device, runtime=None):
     """Whether a run of ``model``'s network on ``device`` under ``runtime`` compiles the Triton
     kernels (the runtime asks for them and the network has no part they do not implement)."""
-    resolved = resolve_runtime(torch.device(device), getattr(model, "norm", None), runtime)
-    return bool(resolved["triton_kernels"]) and not models.kernel_gaps(model)
+    return _kernels_runtime(model, torch.device(device), runtime) is not None
+
+
+def _kernels_runtime(model, device, runtime):
+    """The resolved runtime of a run of ``model``'s network if it compiles the Triton kernels, else ``None``."""
+    resolved = resolve_runtime(device, getattr(model, "norm", None), runtime)
+    return resolved if resolved["triton_kernels"] and not models.kernel_gaps(model) else None
 
 
 def compile_ahead(model, device, runtime=None, *, image_shape=data_lib.IMAGE_SHAPE):
@@ -100,9 +105,9 @@ def compile_ahead(model, device, runtime=None, *, image_shape=data_lib.IMAGE_SHA
     (:func:`run.warm_up_in_background`); holds :data:`DEVICE_LOCK` alone meanwhile, as
     :func:`fit` does for the same work."""
     device = torch.device(device)
-    if not uses_kernels(model, device, runtime):
+    runtime = _kernels_runtime(model, device, runtime)
+    if runtime is None:
         return
-    runtime = resolve_runtime(device, getattr(model, "norm", None), runtime)
     with DEVICE_LOCK.alone():
         runtime_lib.TRITON_KEY.wait()  # holding the lock: no other compile starts before the key is there
         model = prepare_model(model.to_empty(device=device), device, runtime)

@@ -113,6 +113,11 @@ def plan_stacks(configs, size, *, min_size=1, mix_norms=False):
         for i in range(0, len(members), per):
             stack = sorted(members[i:i + per], key=_spec_order)
             stacks += [stack] if len(stack) >= min_size else [[config] for config in stack]
+    return _in_order_of(configs, stacks)
+
+
+def _in_order_of(configs, stacks):
+    """``stacks`` in the order of their first run in ``configs``."""
     first = {config.run_id: k for k, config in enumerate(configs)}
     return sorted(stacks, key=lambda stack: min(first[config.run_id] for config in stack))
 
@@ -132,8 +137,7 @@ def plan_auto(configs, *, largest):
                 stacks += [part] if len(part) == AUTO_SMALL_STACK else [[config] for config in part]
         else:
             stacks += [[config] for config in group]
-    first = {config.run_id: k for k, config in enumerate(configs)}
-    return sorted(stacks, key=lambda stack: min(first[config.run_id] for config in stack))
+    return _in_order_of(configs, stacks)
 
 
 def auto_size(config, *, device, train_images):
