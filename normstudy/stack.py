@@ -64,7 +64,8 @@ AUTO_MIN_RUNS = 27
 # ... except at batches of at most this size, where a norm's runs stack by threes however few share
 # it (the grids' 3 seeds): stacks of 3 side by side beat single runs with the Triton kernels on
 # streams at batch 2 (9 stacks of 3: 16,023 model-steps/s; 27 single runs: 11,262), not at batch 8
-# (9,782 against 10,400-10,900); batch 4 lies between and was not measured (H200, 2026-12-03).
+# (9,782 against 10,400-10,900); at batch 4 they still gain a little (11,049 against 10,602)
+# (H200, 2026-12-03, benchmarks/NOTES.md).
 AUTO_SMALL_BATCH = 4
 AUTO_SMALL_STACK = 3
 
