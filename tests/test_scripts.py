@@ -1,5 +1,6 @@
 """Issue 22, items 8 and 9: the scripts refuse bad input in one line (exit 2) and redraw nothing over
-results from other data. In-process, on a tiny CIFAR-10-format folder."""
+results from other data. In-process, on a tiny CIFAR-10-format folder. And benchmarks/compare_grids.py,
+the check that a re-run grid kept each cell's accuracy."""
 import importlib.util
 import json
 import shutil
@@ -118,3 +119,42 @@ def test_run_notebooks_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2 and one_line(err).startswith(f"run_notebooks.py: error: {tmp_path / 'text.ipynb'}: not a notebook")
     code, _, err = call_main(command, [], capsys)
     assert code == 2 and "the following arguments are required: notebooks" in one_line(err)
+
+
+def benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grid_summary(cells):
+    """A summary.json's cells as compare_grids reads them: ``{cell id: (batch, test error %)}``."""
+    return {"cells": [{"cell": cell, "batch_size": batch, "variant": cell.split("-")[0].upper(), "seeds": [0, 1, 2],
+                       "test_acc_last3_mean": {"mean": 100 - error}} for cell, (batch, error) in cells.items()]}
+
+
+def test_compare_grids_counts_the_cells_within_the_tolerance(tmp_path, capsys):
+    """benchmarks/compare_grids.py: the check that a faster grid left each cell's accuracy within
+    0.5 points. A cell outside fails it (exit 1); a cell only one grid has is not compared."""
+    compare = benchmark("compare_grids").main
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text(json.dumps(grid_summary({"bn-b2-e20": (2, 20.3), "ln-b2-e20": (2, 15.0), "gn-b4-e20": (4, 16.0)})))
+    old.write_text(json.dumps(grid_summary({"bn-b2-e20": (2, 20.0), "ln-b2-e20": (2, 15.7)})))
+    code, out, _ = call_main(compare, [str(new), "--against", str(old)], capsys)
+    assert code == 1 and out.splitlines()[-1] == "1 of 2 cells within 0.5 points; largest difference 0.70, mean 0.50"
+    assert "batch 2    BN         new  20.30  committed  20.00  difference +0.30  (3 seeds)" in out
+    code, out, _ = call_main(compare, [str(new), "--against", str(old), "--within", "1"], capsys)
+    assert code == 0 and out.splitlines()[-1].startswith("2 of 2 cells within 1.0 points")
+    (tmp_path / "broken.json").write_text('{"cells": [{"cell": "x"}]}')
+    code, _, err = call_main(compare, [str(tmp_path / "broken.json"), "--against", str(old)], capsys)
+    assert code == 2 and one_line(err).startswith(f"compare_grids: cannot read {tmp_path / 'broken.json'} as a grid's")
+
+
+def test_the_timed_grid_is_within_half_a_point_of_the_committed_one(capsys):
+    """The evidence for "accuracy unchanged" (issue 19): the grid timed with stacks on the H200,
+    benchmarks/grid_timing_results.json, against results/batch-size/summary.json."""
+    code, out, _ = call_main(benchmark("compare_grids").main,
+                             [str(ROOT / "benchmarks" / "grid_timing_results.json"), "--against",
+                              str(ROOT / "results" / "batch-size" / "summary.json")], capsys)
+    assert code == 0 and out.splitlines()[-1].startswith("27 of 27 cells within 0.5 points")
