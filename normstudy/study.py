@@ -258,7 +258,7 @@ def parse_args(argv=None, *, prog=PROG):
                         "convolutions; each run still its own folder, checkpoints and record); auto: on CUDA, stacks "
                         "of up to 32 runs and 4096 images a step where at least 27 runs share a norm, stacks of 3 at "
                         "batches up to 4, else single runs. Default 1: on the H200 stacks of 3 side by side beat "
-                        "single runs on streams at batch 2 only (benchmarks/NOTES.md)")
+                        "single runs on streams at batches 2 and 4 only (benchmarks/NOTES.md)")
     p.add_argument("--longest-first", action="store_true",
                    help="start the runs with the most steps (the smallest batches) first, not seed by seed from the "
                         "largest batch: with many runs at once the grid ends sooner")
