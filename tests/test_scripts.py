@@ -16,8 +16,9 @@ from conftest import call_main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+def script(name, *, folder="scripts"):
+    """The module of ``folder/name.py`` (scripts and benchmarks are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -121,13 +122,6 @@ def test_run_notebooks_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2 and "the following arguments are required: notebooks" in one_line(err)
 
 
-def benchmark(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def grid_summary(cells):
     """A summary.json's cells as compare_grids reads them: ``{cell id: (batch, test error %)}``."""
     return {"cells": [{"cell": cell, "batch_size": batch, "variant": cell.split("-")[0].upper(), "seeds": [0, 1, 2],
@@ -137,7 +131,7 @@ def grid_summary(cells):
 def test_compare_grids_counts_the_cells_within_the_tolerance(tmp_path, capsys):
     """benchmarks/compare_grids.py: the check that a faster grid left each cell's accuracy within
     0.5 points. A cell outside fails it (exit 1); a cell only one grid has is not compared."""
-    compare = benchmark("compare_grids").main
+    compare = script("compare_grids", folder="benchmarks").main
     new, old = tmp_path / "new.json", tmp_path / "old.json"
     new.write_text(json.dumps(grid_summary({"bn-b2-e20": (2, 20.3), "ln-b2-e20": (2, 15.0), "gn-b4-e20": (4, 16.0)})))
     old.write_text(json.dumps(grid_summary({"bn-b2-e20": (2, 20.0), "ln-b2-e20": (2, 15.7)})))
@@ -154,7 +148,7 @@ def test_compare_grids_counts_the_cells_within_the_tolerance(tmp_path, capsys):
 def test_the_timed_grid_is_within_half_a_point_of_the_committed_one(capsys):
     """The evidence for "accuracy unchanged" (issue 19): the grid timed with stacks on the H200,
     benchmarks/grid_timing_results.json, against results/batch-size/summary.json."""
-    code, out, _ = call_main(benchmark("compare_grids").main,
+    code, out, _ = call_main(script("compare_grids", folder="benchmarks").main,
                              [str(ROOT / "benchmarks" / "grid_timing_results.json"), "--against",
                               str(ROOT / "results" / "batch-size" / "summary.json")], capsys)
     assert code == 0 and out.splitlines()[-1].startswith("27 of 27 cells within 0.5 points")
