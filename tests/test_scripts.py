@@ -125,7 +125,7 @@ def test_run_notebooks_bad_input_is_one_line(tmp_path, capsys):
 def grid_summary(cells):
     """A summary.json's cells as compare_grids reads them: ``{cell id: (batch, test error %)}``."""
     return {"cells": [{"cell": cell, "batch_size": batch, "variant": cell.split("-")[0].upper(), "seeds": [0, 1, 2],
-                       "test_acc_last3_mean": {"mean": 100 - error}} for cell, (batch, error) in cells.items()]}
+                       "test_error_last3_mean": {"mean": error}} for cell, (batch, error) in cells.items()]}
 
 
 def test_compare_grids_counts_the_cells_within_the_tolerance(tmp_path, capsys):
